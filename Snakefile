@@ -1,0 +1,27 @@
+# adaptlab: data → pretraining → finetuning grids → run records (Parquet) → DuckDB tables and figures.
+#
+#   snakemake --cores all                                    # the embedded default (config.yaml)
+#   snakemake --cores all --configfile configs/test.yaml     # a preset replaces config.yaml entirely
+#   snakemake --profile profiles/slurm --configfile configs/paper.yaml
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+# A preset is a complete config: config.yaml is only read when no --configfile is given, so keys of the
+# default never leak into a preset through Snakemake's recursive config merge.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/pretrain.smk"
+include: "rules/finetune.smk"
+include: "rules/aggregate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        rules.aggregate.output,

@@ -1,0 +1,13 @@
+# Data prep: each dataset of the config becomes one prepared file with seeded train/val/test splits.
+# Raw-data paths are params (not inputs), so `snakemake -n` works on a machine without the datasets;
+# a missing path fails here, naming the key and the path.
+
+
+rule prepare_data:
+    output:
+        RESULTS + "/data/{dataset}.safetensors",
+    params:
+        spec=lambda wc: stable_json(CFG["datasets"][wc.dataset]),
+    threads: 1
+    script:
+        "../workflow/scripts/prepare_data.py"

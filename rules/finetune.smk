@@ -1,0 +1,23 @@
+# Finetuning grids: datasets × trainable set × optimizer × lr × seed, one job and one run directory each.
+# A new head always trains; SGD-momentum or AdamW over the trainable parameters only; cosine schedule with
+# warmup; grad-norm clipping; val every `eval_every` steps; test at the best-val step.
+# Small jobs share a group, so a cluster submission runs many of them in series on one GPU.
+
+
+rule finetune:
+    input:
+        model=rules.pretrain.output.model,
+        data=lambda wc: dataset_file(wc.dataset),
+    output:
+        summary=RUN_DIR + "/summary.parquet",
+        steps=RUN_DIR + "/steps.parquet",
+    params:
+        run=run_params,
+        model=stable_json(CFG["model"]),
+        device=CFG["device"],
+        on_error=CFG["finetune"]["on_error"],
+    threads: CFG["threads"]["finetune"]
+    group:
+        "finetune"
+    script:
+        "../workflow/scripts/finetune.py"

@@ -1,0 +1,169 @@
+"""Aggregation: run records (Parquet) → ``results/adaptlab.duckdb`` → tables (CSV + Markdown) and figures.
+
+The database holds the tables ``runs`` and ``steps`` (every run's records, materialised so the file is
+self-contained), ``expected_runs`` (what the config asks for) and one table per entry of ``TABLES``: SQL over
+``runs``/``steps``. Studies add their tables and figures by adding entries to ``TABLES`` and ``FIGURES``.
+Runs that are missing, failed or diverged are listed by name in ``run_status``; none is dropped silently.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import duckdb
+import pyarrow as pa
+
+from adaptlab import records
+
+FINETUNE_KEYS = "study, grid, dataset, trainable, optimizer"
+
+TABLES: dict[str, str] = {
+    "run_status": """
+        SELECT e.run_id, coalesce(r.status, 'missing') AS status, r.error, r.steps_done, r.steps_planned
+        FROM expected_runs e LEFT JOIN runs r USING (run_id)
+        WHERE r.status IS NULL OR r.status <> 'ok'
+        ORDER BY status, run_id""",
+    "finetune_summary": f"""
+        SELECT {FINETUNE_KEYS}, lr,
+               count(*) AS n_runs, count(*) FILTER (WHERE status = 'ok') AS n_ok,
+               avg(best_val_acc) FILTER (WHERE status = 'ok') AS val_acc_mean,
+               avg(test_acc) FILTER (WHERE status = 'ok') AS test_acc_mean,
+               stddev_samp(test_acc) FILTER (WHERE status = 'ok') AS test_acc_std,
+               any_value(trainable_params) AS trainable_params,
+               avg(steps_per_s) AS steps_per_s_mean
+        FROM runs WHERE study <> 'pretrain'
+        GROUP BY ALL ORDER BY {FINETUNE_KEYS}, lr""",
+    # lr chosen on validation accuracy (mean over seeds), never on test
+    "finetune_best": f"""
+        SELECT {FINETUNE_KEYS}, lr AS best_lr, n_ok AS n_seeds, val_acc_mean, test_acc_mean, test_acc_std,
+               trainable_params
+        FROM finetune_summary WHERE n_ok > 0
+        QUALIFY row_number() OVER (PARTITION BY {FINETUNE_KEYS} ORDER BY val_acc_mean DESC, lr) = 1
+        ORDER BY {FINETUNE_KEYS}""",
+}
+
+
+def plot_learning_curves(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Validation accuracy over steps per dataset, one curve per (trainable, optimizer) at its best lr."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = con.execute(f"""
+        SELECT r.dataset, r.grid, r.trainable || ' / ' || r.optimizer || ' lr=' || r.lr AS arm, s.step,
+               avg(s.val_acc) AS val_acc
+        FROM steps s JOIN runs r USING (run_id)
+        JOIN finetune_best b ON b.grid = r.grid AND b.dataset = r.dataset AND b.trainable = r.trainable
+             AND b.optimizer = r.optimizer AND b.best_lr = r.lr
+        WHERE s.val_acc IS NOT NULL AND r.status = 'ok'
+        GROUP BY ALL ORDER BY 1, 2, 3, 4""").fetchall()
+    panels = sorted({(r[0], r[1]) for r in rows})
+    n = max(1, len(panels))
+    cols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.5 * cols, 3.4 * math.ceil(n / cols)), squeeze=False)
+    for ax, (ds, grid) in zip(axes.flat, panels):
+        arms = sorted({r[2] for r in rows if r[0] == ds and r[1] == grid})
+        for arm in arms:
+            pts = [(r[3], r[4]) for r in rows if r[0] == ds and r[1] == grid and r[2] == arm]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=arm)
+        ax.set_title(f"{grid}: {ds}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("val accuracy")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if not panels:
+        axes.flat[0].text(0.5, 0.5, "no finished runs", ha="center")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+FIGURES: dict[str, Callable[[duckdb.DuckDBPyConnection, Path], None]] = {
+    "learning_curves": plot_learning_curves,
+}
+
+
+def _quote(path: str | Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def _load_parquet(con, table: str, files: list[Path], empty_schema: pa.Schema) -> None:
+    if files:
+        listing = ", ".join(_quote(f) for f in files)
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
+    else:
+        con.register("_empty", empty_schema.empty_table())
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty")
+        con.unregister("_empty")
+
+
+def format_markdown(columns: list[str], rows: list[tuple]) -> str:
+    def cell(v) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def build_database(db_path: str | Path, summary_files: list[Path], steps_files: list[Path],
+                   expected_run_ids: list[str]) -> None:
+    """(Re)build the DuckDB file from the run records; written to a temporary file and renamed."""
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db_path.with_suffix(".duckdb.tmp")
+    tmp.unlink(missing_ok=True)
+    with duckdb.connect(str(tmp)) as con:
+        _load_parquet(con, "runs", summary_files, records.SUMMARY_SCHEMA)
+        _load_parquet(con, "steps", steps_files, records.steps_schema(["val_acc", "val_loss"]))
+        con.register("_expected", pa.table({"run_id": pa.array(expected_run_ids, pa.string())}))
+        con.execute("CREATE TABLE expected_runs AS SELECT * FROM _expected")
+        con.unregister("_expected")
+        for name, sql in TABLES.items():
+            con.execute(f"CREATE TABLE {name} AS {sql}")
+    os.replace(tmp, db_path)
+
+
+def export(db_path: str | Path, tables_dir: str | Path, figures_dir: str | Path) -> dict[str, int]:
+    """Write every table of ``TABLES`` as CSV and Markdown and every figure of ``FIGURES`` as PNG."""
+    tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
+    tables_dir.mkdir(parents=True, exist_ok=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    with duckdb.connect(str(db_path), read_only=True) as con:
+        for name in TABLES:
+            cur = con.execute(f"SELECT * FROM {name}")
+            columns = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+            counts[name] = len(rows)
+            con.execute(f"COPY {name} TO {_quote(tables_dir / (name + '.csv'))} (HEADER, DELIMITER ',')")
+            (tables_dir / f"{name}.md").write_text(format_markdown(columns, rows))
+        for name, plot in FIGURES.items():
+            plot(con, figures_dir / f"{name}.png")
+    return counts
+
+
+def aggregate(results_dir: str | Path, expected_run_ids: list[str], extra_summaries: list[str] = ()) -> list[tuple]:
+    """Build the database from whatever run records exist under ``results_dir``; return the non-ok runs.
+
+    Expected runs whose files are absent are reported as ``missing`` (this works on a partial grid too, e.g.
+    ``adaptlab aggregate`` while a cluster run is still going).
+    """
+    results_dir = Path(results_dir)
+    ids = list(expected_run_ids) + list(extra_summaries)
+    summaries = [results_dir / "runs" / r / "summary.parquet" for r in expected_run_ids]
+    summaries += [results_dir / s / "summary.parquet" for s in extra_summaries]
+    present = [(s, s.with_name("steps.parquet")) for s in summaries if s.is_file()]
+    build_database(results_dir / "adaptlab.duckdb", [p[0] for p in present],
+                   [p[1] for p in present if p[1].is_file()], ids)
+    export(results_dir / "adaptlab.duckdb", results_dir / "tables", results_dir / "figures")
+    with duckdb.connect(str(results_dir / "adaptlab.duckdb"), read_only=True) as con:
+        return con.execute("SELECT run_id, status, error FROM run_status").fetchall()

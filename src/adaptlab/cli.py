@@ -1,0 +1,114 @@
+"""The ``adaptlab`` command: query results with SQL, validate a config, list or aggregate runs.
+
+    adaptlab sql "SELECT dataset, trainable, test_acc_mean FROM finetune_best"
+    adaptlab sql --csv "SELECT * FROM runs" > runs.csv
+    adaptlab validate configs/paper.yaml
+    adaptlab runs --configfile configs/paper.yaml
+    adaptlab aggregate            # rebuild the database from whatever runs exist (lists missing ones)
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+DEFAULT_DB = "results/adaptlab.duckdb"
+
+
+def _sql(args) -> int:
+    import duckdb
+
+    from adaptlab.aggregate import format_markdown
+
+    if not Path(args.db).is_file():
+        print(f"adaptlab sql: database not found: {args.db} (run `snakemake --cores all` first)", file=sys.stderr)
+        return 2
+    with duckdb.connect(args.db, read_only=True) as con:
+        try:
+            cur = con.execute(args.query)
+        except duckdb.Error as err:
+            print(f"adaptlab sql: {err}", file=sys.stderr)
+            return 1
+        if cur.description is None:
+            return 0
+        columns = [d[0] for d in cur.description]
+        rows = cur.fetchall()
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        sys.stdout.write(format_markdown(columns, rows))
+        print(f"({len(rows)} rows)")
+    return 0
+
+
+def _load(path: str):
+    from adaptlab.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return None
+
+
+def _validate(args) -> int:
+    from adaptlab.config import expand_runs
+
+    cfg = _load(args.configfile)
+    if cfg is None:
+        return 1
+    print(f"{args.configfile}: valid, {len(expand_runs(cfg))} finetuning runs")
+    return 0
+
+
+def _runs(args) -> int:
+    from adaptlab.config import expand_runs
+
+    cfg = _load(args.configfile)
+    if cfg is None:
+        return 1
+    for r in expand_runs(cfg):
+        print(r.run_id)
+    return 0
+
+
+def _aggregate(args) -> int:
+    from adaptlab.aggregate import aggregate
+    from adaptlab.config import iter_run_ids
+
+    cfg = _load(args.configfile)
+    if cfg is None:
+        return 1
+    bad = aggregate(args.results, list(iter_run_ids(cfg)), extra_summaries=["pretrain"])
+    for run_id, status, _ in bad:
+        print(f"{status:9s} {run_id}")
+    print(f"{len(bad)} run(s) not ok; database: {Path(args.results) / 'adaptlab.duckdb'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="adaptlab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sql", help="run a SQL query on the results database and print a table")
+    p.add_argument("query")
+    p.add_argument("--db", default=DEFAULT_DB)
+    p.add_argument("--csv", action="store_true", help="print CSV instead of a Markdown table")
+    p.set_defaults(func=_sql)
+    for name, func, help_ in (("validate", _validate, "validate a config file against the schema"),
+                              ("runs", _runs, "list the finetuning run ids a config expands to")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("configfile", nargs="?", default="config.yaml")
+        p.set_defaults(func=func)
+    p = sub.add_parser("aggregate", help="rebuild the database and tables from the runs that exist")
+    p.add_argument("--configfile", default="config.yaml")
+    p.add_argument("--results", default="results")
+    p.set_defaults(func=_aggregate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The Parquet schemas of a run: the one place that defines what a run record holds.
+
+``summary.parquet``: one row per run (identity, status, selection and test metrics, cost, provenance, and
+the run's full config as JSON). ``steps.parquet``: one row per optimizer step (loss, lr, pre-clip grad
+norm) with the validation metrics filled at eval steps. Studies append their own summary columns with
+``extra_fields``; DuckDB reads all summaries with ``union_by_name``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "diverged", "failed")
+
+SUMMARY_FIELDS = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("study", pa.string()),
+    pa.field("grid", pa.string()),
+    pa.field("dataset", pa.string()),
+    pa.field("seed", pa.int64()),
+    pa.field("lr", pa.float64()),
+    pa.field("optimizer", pa.string()),
+    pa.field("trainable", pa.string()),
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("error", pa.string()),
+    pa.field("best_val_acc", pa.float64()),
+    pa.field("best_val_loss", pa.float64()),
+    pa.field("best_step", pa.int64()),
+    pa.field("test_acc", pa.float64()),
+    pa.field("test_loss", pa.float64()),
+    pa.field("final_loss", pa.float64()),
+    pa.field("steps_done", pa.int64()),
+    pa.field("steps_planned", pa.int64()),
+    pa.field("resumed_from", pa.int64()),
+    pa.field("trainable_params", pa.int64()),
+    pa.field("total_params", pa.int64()),
+    pa.field("wall_seconds", pa.float64()),
+    pa.field("steps_per_s", pa.float64()),
+    pa.field("peak_rss_mb", pa.float64()),
+    pa.field("peak_gpu_mem_mb", pa.float64()),
+    pa.field("device", pa.string()),
+    pa.field("adaptlab_version", pa.string()),
+    pa.field("torch_version", pa.string()),
+    pa.field("config_json", pa.string()),
+]
+SUMMARY_SCHEMA = pa.schema(SUMMARY_FIELDS)
+
+# Metrics that vary with the machine and the moment, not with the config and seed.
+TIMING_COLUMNS = ("wall_seconds", "steps_per_s", "peak_rss_mb", "peak_gpu_mem_mb", "resumed_from")
+
+STEPS_FIELDS = [
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("step", pa.int64(), nullable=False),
+    pa.field("loss", pa.float64()),
+    pa.field("lr", pa.float64()),
+    pa.field("grad_norm", pa.float64()),
+]
+
+
+def summary_schema(extra_fields: list[pa.Field] | None = None) -> pa.Schema:
+    return pa.schema(SUMMARY_FIELDS + list(extra_fields or []))
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write(table: pa.Table, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def write_summary(path: str | Path, row: dict, extra_fields: list[pa.Field] | None = None) -> pa.Table:
+    """Write the one-row summary; every schema column must be given (None for unknown), nothing else."""
+    schema = summary_schema(extra_fields)
+    missing = [f.name for f in schema if f.name not in row]
+    unknown = [k for k in row if k not in schema.names]
+    if missing or unknown:
+        raise ValueError(f"summary row: missing columns {missing}, unknown columns {unknown}")
+    if row["status"] not in STATUSES:
+        raise ValueError(f"summary row: status must be one of {STATUSES}, got {row['status']!r}")
+    table = pa.Table.from_pylist([{k: _clean(row[k]) for k in schema.names}], schema=schema)
+    _write(table, path)
+    return table
+
+
+def steps_schema(log_columns) -> pa.Schema:
+    base = {f.name for f in STEPS_FIELDS}
+    extra = [pa.field(c, pa.float64()) for c in log_columns if c not in base]
+    return pa.schema(STEPS_FIELDS + extra)
+
+
+def write_steps(path: str | Path, run_id: str, log: dict[str, list[float]]) -> pa.Table:
+    """Write the per-step log; ``val_*`` columns are null except at eval steps."""
+    schema = steps_schema(log)
+    n = len(log["step"])
+    cols = {"run_id": [run_id] * n, "step": [int(s) for s in log["step"]]}
+    for f in schema:
+        if f.name not in cols:
+            cols[f.name] = [_clean(float(v)) for v in log.get(f.name, [math.nan] * n)]
+    table = pa.Table.from_pydict(cols, schema=schema)
+    _write(table, path)
+    return table
+
+
+def read_summary(path: str | Path) -> dict:
+    return pq.read_table(path).to_pylist()[0]

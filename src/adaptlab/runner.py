@@ -1,0 +1,155 @@
+"""One run from config to records: build the model and task, call the training loop, write the Parquet files.
+
+The Snakemake scripts call ``run_pretrain`` and ``run_finetune``; so do the tests and benchmarks.
+"""
+from __future__ import annotations
+
+import resource
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import adaptlab
+from adaptlab import records
+from adaptlab.config import config_hash, stable_json
+from adaptlab.data.store import load_dataset
+from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
+from adaptlab.train.device import resolve_device, set_threads
+from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
+from adaptlab.train.tasks import ImageClassification
+from adaptlab.train.trainable import select_trainable
+
+MODEL_NAME = "model.safetensors"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, result: FitResult | None,
+                 device: torch.device, full_config: dict, wall: float, status: str | None = None,
+                 error: str | None = None) -> dict:
+    trainable, total = count_parameters(model) if model is not None else (None, None)
+    best = result.best_val if result else {}
+    test = (result.test or {}) if result else {}
+    return {
+        **identity,
+        "status": status or (result.status if result else "failed"),
+        "error": error,
+        "best_val_acc": best.get("acc"),
+        "best_val_loss": best.get("loss"),
+        "best_step": result.best_step if result else None,
+        "test_acc": test.get("acc"),
+        "test_loss": test.get("loss"),
+        "final_loss": result.final_loss if result else None,
+        "steps_done": result.steps_done if result else 0,
+        "steps_planned": cfg["steps"],
+        "resumed_from": result.resumed_from if result else 0,
+        "trainable_params": trainable,
+        "total_params": total,
+        "wall_seconds": wall,
+        "steps_per_s": result.steps_per_second if result else None,
+        "peak_rss_mb": _peak_rss_mb(),
+        "peak_gpu_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "device": str(device),
+        "adaptlab_version": adaptlab.__version__,
+        "torch_version": torch.__version__,
+        "config_json": stable_json(full_config),
+    }
+
+
+def _task(data, model_cfg: dict, cfg: dict, device, seed: int) -> ImageClassification:
+    img = model_cfg["img_size"] if not model_cfg.get("timm_name") else None
+    return ImageClassification(data, img or 224, device, seed, mean=model_cfg["mean"], std=model_cfg["std"],
+                               eval_batch_size=cfg["eval_batch_size"], hflip=cfg["hflip"])
+
+
+def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, device: str = "auto", threads: int = 1,
+                 on_step=None) -> dict:
+    """Train the backbone from scratch on the source dataset, or load local timm weights (``init: file``).
+
+    Writes ``model.safetensors`` (the best-val weights), ``summary.parquet`` and ``steps.parquet``.
+    """
+    set_threads(threads)
+    out_dir = Path(out_dir)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    identity = {"run_id": "pretrain", "study": "pretrain", "grid": "pretrain", "dataset": spec["dataset"],
+                "seed": spec["seed"], "lr": spec["train"]["lr"], "optimizer": spec["train"]["optimizer"],
+                "trainable": "full"}
+    data = load_dataset(data_path)
+    torch.manual_seed(spec["seed"])
+    model = create_vit(spec["model"], data.num_classes)
+    cfg = spec["train"]
+    if spec["init"] == "file":
+        load_pretrained_weights(model, spec["weights"])
+        save_model_weights(model, out_dir / MODEL_NAME)
+        records.write_steps(out_dir / "steps.parquet", "pretrain", {"step": [], "loss": [], "lr": [], "grad_norm": []})
+        row = _summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
+        records.write_summary(out_dir / "summary.parquet", row)
+        return row
+    task = _task(data, spec["model"], cfg, dev, spec["seed"])
+    result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(spec), on_step=on_step)
+    if result.best_step is not None:
+        model.load_state_dict(_load(out_dir / BEST_NAME), strict=False)
+    save_model_weights(model, out_dir / MODEL_NAME, metadata={"best_step": str(result.best_step)})
+    records.write_steps(out_dir / "steps.parquet", "pretrain", result.log)
+    row = _summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
+    records.write_summary(out_dir / "summary.parquet", row)
+    _cleanup(out_dir, keep_best=False)
+    return row
+
+
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _cleanup(out_dir: Path, keep_best: bool) -> None:
+    (out_dir / CKPT_NAME).unlink(missing_ok=True)
+    if not keep_best:
+        (out_dir / BEST_NAME).unlink(missing_ok=True)
+
+
+def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_path: str | Path,
+                 out_dir: str | Path, *, device: str = "auto", threads: int = 1, on_error: str = "record",
+                 on_step=None) -> dict:
+    """Finetune the pretrained backbone on one dataset with one grid point (``run`` = RunSpec.as_dict()).
+
+    A new head (seeded by the run's seed) always trains; the ``trainable_patterns`` select the rest. A non-finite
+    loss ends the run as ``diverged``; with ``on_error='record'`` an exception ends it as ``failed``. Either way
+    the summary is written, so the grid and its aggregation go on.
+    """
+    set_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    cfg = run["train"]
+    identity = {k: run[k] for k in ("run_id", "study", "grid", "dataset", "seed", "lr", "optimizer", "trainable")}
+    full_config = {"run": run, "model": model_cfg}
+    model, result = None, None
+    try:
+        data = load_dataset(data_path)
+        torch.manual_seed(run["seed"])  # the new head's init depends on the run's seed
+        model = create_vit(model_cfg, data.num_classes)
+        load_model_weights(model, pretrained_path, skip_head=True)
+        select_trainable(model, run["trainable_patterns"], head=True)
+        task = _task(data, model_cfg, cfg, dev, run["seed"])
+        result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(full_config), on_step=on_step)
+    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+        if on_error == "raise":
+            raise
+        row = _summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
+                           error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+        records.write_steps(out_dir / "steps.parquet", run["run_id"], {"step": [], "loss": [], "lr": [], "grad_norm": []})
+        records.write_summary(out_dir / "summary.parquet", row)
+        return row
+    records.write_steps(out_dir / "steps.parquet", run["run_id"], result.log)
+    row = _summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0)
+    records.write_summary(out_dir / "summary.parquet", row)
+    _cleanup(out_dir, keep_best=cfg["keep_weights"])
+    return row

@@ -1,0 +1,8 @@
+"""Build results/adaptlab.duckdb, the tables and the figures (rule aggregate)."""
+from pathlib import Path
+
+from adaptlab.aggregate import aggregate
+
+not_ok = aggregate(Path(snakemake.output.db).parent, snakemake.params.expected, extra_summaries=["pretrain"])
+for run_id, status, error in not_ok:
+    print(f"[aggregate] {status}: {run_id}" + (f" ({error.splitlines()[0]})" if error else ""))

@@ -1,0 +1,8 @@
+"""Pretrain the backbone, or load local timm weights (rule pretrain)."""
+import json
+from pathlib import Path
+
+from adaptlab.runner import run_pretrain
+
+run_pretrain(json.loads(snakemake.params.spec), snakemake.input.data, Path(snakemake.output.model).parent,
+             device=snakemake.params.device, threads=snakemake.threads)
