@@ -4,7 +4,7 @@
 
 rule pretrain:
     input:
-        data=dataset_file(CFG["pretrain"]["dataset"]),
+        data=[dataset_file(CFG["pretrain"]["dataset"])] if CFG["pretrain"]["init"] == "scratch" else [],
     output:
         model=RESULTS + "/pretrain/model.safetensors",
         summary=RESULTS + "/pretrain/summary.parquet",

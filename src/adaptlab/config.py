@@ -92,7 +92,7 @@ def validate_config(config: dict, source: str = "config") -> dict:
 def _check_references(cfg: dict, source: str) -> None:
     datasets = cfg["datasets"]
     pre = cfg["pretrain"]
-    if pre["dataset"] not in datasets:
+    if pre["init"] == "scratch" and pre["dataset"] not in datasets:
         raise ConfigError(f"{source}: pretrain.dataset: unknown dataset {pre['dataset']!r} (declared: {sorted(datasets)})")
     if pre["init"] == "file" and not pre.get("weights"):
         raise ConfigError(f"{source}: pretrain.weights: required when pretrain.init is 'file'")
@@ -195,7 +195,7 @@ def expand_runs(cfg: dict) -> list[RunSpec]:
 
 
 def used_datasets(cfg: dict) -> list[str]:
-    names = [cfg["pretrain"]["dataset"]]
+    names = [cfg["pretrain"]["dataset"]] if cfg["pretrain"]["init"] == "scratch" else []
     for grid in cfg["finetune"]["grids"].values():
         names += grid["datasets"]
     return list(dict.fromkeys(names))

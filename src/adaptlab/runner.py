@@ -79,17 +79,18 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
     identity = {"run_id": "pretrain", "study": "pretrain", "grid": "pretrain", "dataset": spec["dataset"],
                 "seed": spec["seed"], "lr": spec["train"]["lr"], "optimizer": spec["train"]["optimizer"],
                 "trainable": "full"}
-    data = load_dataset(data_path)
-    torch.manual_seed(spec["seed"])
-    model = create_vit(spec["model"], data.num_classes)
     cfg = spec["train"]
+    torch.manual_seed(spec["seed"])
     if spec["init"] == "file":
+        model = create_vit(spec["model"], num_classes=0)  # headless: every finetuning run adds its own head
         load_pretrained_weights(model, spec["weights"])
         save_model_weights(model, out_dir / MODEL_NAME)
         records.write_steps(out_dir / "steps.parquet", "pretrain", {"step": [], "loss": [], "lr": [], "grad_norm": []})
         row = _summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
         records.write_summary(out_dir / "summary.parquet", row)
         return row
+    data = load_dataset(data_path)
+    model = create_vit(spec["model"], data.num_classes)
     task = _task(data, spec["model"], cfg, dev, spec["seed"])
     result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(spec), on_step=on_step)
     if result.best_step is not None:

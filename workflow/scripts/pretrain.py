@@ -4,5 +4,5 @@ from pathlib import Path
 
 from adaptlab.runner import run_pretrain
 
-run_pretrain(json.loads(snakemake.params.spec), snakemake.input.data, Path(snakemake.output.model).parent,
+run_pretrain(json.loads(snakemake.params.spec), (snakemake.input.data or [None])[0], Path(snakemake.output.model).parent,
              device=snakemake.params.device, threads=snakemake.threads)

@@ -1,0 +1,48 @@
+"""Shared tiny fixtures: a procedural dataset file, a tiny ViT config and a pretrained checkpoint."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from adaptlab.config import RunSpec, train_config
+from adaptlab.data.prepare import prepare_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"timm_name": None, "img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+              "mlp_ratio": 2.0, "mean": [0.5] * 3, "std": [0.5] * 3}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tiny.safetensors"
+    prepare_dataset("tiny", {"kind": "procedural", "classes": 4, "image_size": 16, "n_train": 128, "n_val": 32,
+                             "n_test": 32, "seed": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pretrained(tmp_path_factory, tiny_data) -> Path:
+    from adaptlab.runner import run_pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    spec = {"dataset": "tiny", "init": "scratch", "weights": None, "seed": 0, "model": TINY_MODEL,
+            "train": train_config({"optimizer": "adamw", "lr": 3e-3, "steps": 10, "batch_size": 32, "eval_every": 5})}
+    run_pretrain(spec, tiny_data, out, device="cpu")
+    return out / "model.safetensors"
+
+
+def make_run(trainable="full", patterns=("*",), optimizer="sgd", lr=0.01, seed=0, **train) -> dict:
+    cfg = train_config({"steps": 12, "batch_size": 16, "eval_every": 4, "ckpt_every": 4, "lr": lr,
+                        "optimizer": optimizer, **train})
+    return RunSpec("g", "test", "tiny", trainable, optimizer, lr, seed, cfg, tuple(patterns)).as_dict()
+
+
+def copy_workflow(dest: Path) -> Path:
+    """A copy of the workflow files (no results), so a test run never touches the user's results/."""
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    for name in ("rules", "workflow", "configs", "profiles"):
+        shutil.copytree(REPO / name, dest / name)
+    return dest

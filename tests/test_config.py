@@ -1,0 +1,105 @@
+"""Config validation: bad values fail naming the key; defaults are filled; grids expand to the expected runs."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from adaptlab.config import ConfigError, expand_runs, load_config, validate_config
+from conftest import REPO
+
+
+@pytest.fixture()
+def base() -> dict:
+    return yaml.safe_load((REPO / "configs/test.yaml").read_text())
+
+
+@pytest.mark.parametrize("preset", ["config.yaml", "configs/test.yaml", "configs/paper.yaml"])
+def test_presets_are_valid(preset):
+    cfg = load_config(REPO / preset)
+    assert expand_runs(cfg)
+
+
+def _error(cfg) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg, source="cfg.yaml")
+    return str(info.value)
+
+
+def test_unknown_top_level_key_rejected(base):
+    base["lerning_rate"] = 0.1
+    assert "lerning_rate" in _error(base)
+
+
+def test_unknown_nested_key_names_its_path(base):
+    base["finetune"]["grids"]["main"]["train"] = {"stepz": 5}
+    msg = _error(base)
+    assert "finetune.grids.main.train" in msg and "stepz" in msg
+
+
+def test_negative_lr_names_the_index(base):
+    base["finetune"]["grids"]["main"]["lrs"] = [0.01, -0.1]
+    msg = _error(base)
+    assert "finetune.grids.main.lrs[1]" in msg and "-0.1" in msg
+
+
+def test_wrong_type_and_range(base):
+    bad = copy.deepcopy(base)
+    bad["model"]["depth"] = "four"
+    assert "model.depth" in _error(bad)
+    bad = copy.deepcopy(base)
+    bad["finetune"]["defaults"]["momentum"] = 1.5
+    assert "finetune.defaults.momentum" in _error(bad)
+    bad = copy.deepcopy(base)
+    bad["finetune"]["grids"]["main"]["optimizers"] = ["lamb"]
+    assert "finetune.grids.main.optimizers[0]" in _error(bad)
+
+
+def test_dataset_kind_specific_keys(base):
+    base["datasets"]["digits"]["noise"] = 0.5  # a procedural-only key
+    msg = _error(base)
+    assert "datasets.digits" in msg and "noise" in msg
+    base["datasets"]["digits"] = {"kind": "cifar10"}  # path is required
+    assert "datasets.digits" in _error(base) and "path" in _error(base)
+
+
+def test_cross_references(base):
+    bad = copy.deepcopy(base)
+    bad["finetune"]["grids"]["main"]["datasets"] = ["noisy", "imagenet"]
+    assert "finetune.grids.main.datasets[1]" in _error(bad) and "imagenet" in _error(bad)
+    bad = copy.deepcopy(base)
+    bad["finetune"]["grids"]["main"]["trainable"] = ["full", "mha"]
+    assert "trainable[1]" in _error(bad) and "mha" in _error(bad)
+    bad = copy.deepcopy(base)
+    bad["pretrain"]["init"] = "file"
+    assert "pretrain.weights" in _error(bad)
+    bad = copy.deepcopy(base)
+    bad["finetune"]["grids"]["main"]["seeds"] = [0, 0]
+    assert "finetune.grids.main.seeds" in _error(bad)
+
+
+def test_defaults_are_filled(base):
+    cfg = validate_config(base)
+    assert cfg["finetune"]["on_error"] == "record"
+    assert cfg["finetune"]["grids"]["main"]["optimizers"] == ["sgd"]
+    assert cfg["model"]["mean"] == [0.5, 0.5, 0.5]
+    assert cfg["pretrain"]["init"] == "scratch"
+
+
+def test_grid_expansion(base):
+    runs = expand_runs(validate_config(base))
+    main = [r for r in runs if r.grid == "main"]
+    assert len(main) == 2 * 1 * 2 * 2  # datasets × seeds × lrs × trainable
+    assert len({r.run_id for r in runs}) == len(runs)
+    r = main[0]
+    # layering: loop defaults < finetune.defaults < grid.train < the grid point itself
+    assert r.train["steps"] == base["finetune"]["defaults"]["steps"]
+    assert r.train["lr"] == r.lr and r.train["optimizer"] == r.optimizer
+    unstable = [r for r in runs if r.grid == "unstable"]
+    assert unstable[0].train["clip_grad"] is None and unstable[0].study == "stress"
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
