@@ -72,7 +72,7 @@ def read_image_folder(root: str | Path, size: int, classes: list[str] | None = N
     """Images under ``root/<class>/`` (sorted class names define the labels)."""
     root = _require(Path(root), "ImageFolder root")
     if classes is None:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ValueError(f"ImageFolder root {root} has no class folders")
     xs, ys = [], []
@@ -102,7 +102,9 @@ def read_npy_pair(images: str | Path, labels: str | Path, rows: list[int] | None
     x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{images}: expected (N, H, W, 3) images, got shape {x.shape}")
-    return x.astype(np.uint8), y.astype(np.int64)
+    if x.dtype != np.uint8:  # a silent cast would turn [0, 1] floats into 0s and 1s
+        raise ValueError(f"{images}: expected uint8 images, got {x.dtype}")
+    return x, y.astype(np.int64)
 
 
 def read_digits(size: int) -> tuple[np.ndarray, np.ndarray]:

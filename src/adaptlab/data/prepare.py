@@ -78,7 +78,10 @@ def build_dataset(name: str, spec: dict) -> ImageDataset:
             return _with_val(name, d["train"], d["test"], 100 if label == "fine" else 20, spec, meta)
         if kind == "npy":
             x, y = loaders.read_npy_pair(spec["images"], spec["labels"], spec.get("rows"))
-            return _three_way(name, x, y, int(y.max()) + 1, spec, meta)
+            num_classes = spec.get("num_classes") or int(y.max()) + 1
+            if y.max() >= num_classes:
+                raise ValueError(f"{spec['labels']}: label {int(y.max())} >= num_classes {num_classes}")
+            return _three_way(name, x, y, num_classes, spec, meta)
         if kind == "imagefolder":
             return _image_folder(name, spec, meta)
     except (FileNotFoundError, ValueError) as err:
@@ -93,12 +96,15 @@ def _image_folder(name: str, spec: dict, meta: dict) -> ImageDataset:
     if (root / "train").is_dir():
         x, y, classes = loaders.read_image_folder(root / "train", size)
         meta["classes"] = classes
+        val = loaders.read_image_folder(root / "val", size, classes)[:2] if (root / "val").is_dir() else None
         if (root / "test").is_dir():
             test = loaders.read_image_folder(root / "test", size, classes)[:2]
-            if (root / "val").is_dir():
-                x_va, y_va, _ = loaders.read_image_folder(root / "val", size, classes)
-                return ImageDataset(name, len(classes), x, y, x_va, y_va, *test, meta=meta)
+            if val is not None:
+                return ImageDataset(name, len(classes), x, y, *val, *test, meta=meta)
             return _with_val(name, (x, y), test, len(classes), spec, meta)
+        if val is not None:  # official val split, test carved from train
+            tr, te = split_indices(len(x), spec.get("seed", 0), spec.get("test_frac", 0.2))
+            return ImageDataset(name, len(classes), x[tr], y[tr], *val, x[te], y[te], meta=meta)
         return _three_way(name, x, y, len(classes), spec, meta)
     x, y, classes = loaders.read_image_folder(root, size)
     meta["classes"] = classes
