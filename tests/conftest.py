@@ -41,8 +41,10 @@ def make_run(trainable="full", patterns=("*",), optimizer="sgd", lr=0.01, seed=0
 
 def copy_workflow(dest: Path) -> Path:
     """A copy of the workflow files (no results), so a test run never touches the user's results/."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".snakemake", "results")
+    dest.mkdir(parents=True, exist_ok=True)
     for name in ("Snakefile", "config.yaml"):
-        shutil.copy(REPO / name, dest / name)
+        shutil.copy2(REPO / name, dest / name)
     for name in ("rules", "workflow", "configs", "profiles"):
-        shutil.copytree(REPO / name, dest / name)
+        shutil.copytree(REPO / name, dest / name, ignore=ignore)
     return dest

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from adaptlab.config import expand_runs, load_config
-from conftest import REPO, copy_workflow
+from conftest import copy_workflow
 
 
 def snakemake(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -52,7 +52,7 @@ def plot_learning_curves(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = con.execute(f"""
+    rows = con.execute("""
         SELECT r.dataset, r.grid, r.trainable || ' / ' || r.optimizer || ' lr=' || r.lr AS arm, s.step,
                avg(s.val_acc) AS val_acc
         FROM steps s JOIN runs r USING (run_id)
