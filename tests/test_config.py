@@ -103,3 +103,18 @@ def test_grid_expansion(base):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_cli_validate_and_runs(tmp_path, capsys):
+    from adaptlab.cli import main
+
+    assert main(["validate", str(REPO / "configs/test.yaml")]) == 0
+    assert "valid, 9 finetuning runs" in capsys.readouterr().out
+    assert main(["runs", str(REPO / "configs/test.yaml")]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 9 and "main/digits/head/sgd/lr0.05/seed0" in ids
+    bad = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    bad["model"]["patch_size"] = 0
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 1
+    assert "model.patch_size" in capsys.readouterr().err
