@@ -1,10 +1,8 @@
 # Config validation, grid expansion and the input/param functions the rules share.
-import json
-
 from snakemake.exceptions import WorkflowError
 
 from adaptlab.aggregate import FIGURES, TABLES
-from adaptlab.config import ConfigError, RESULTS, expand_runs, pretrain_spec, stable_json, used_datasets, validate_config
+from adaptlab.config import ConfigError, RESULTS, expand_runs, pretrain_spec, stable_json, validate_config
 
 try:
     CFG = validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config")

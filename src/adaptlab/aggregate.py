@@ -151,7 +151,7 @@ def export(db_path: str | Path, tables_dir: str | Path, figures_dir: str | Path)
     return counts
 
 
-def aggregate(results_dir: str | Path, expected_run_ids: list[str], extra_summaries: list[str] = ()) -> list[tuple]:
+def aggregate(results_dir: str | Path, expected_run_ids: list[str], extra_summaries=("pretrain",)) -> list[tuple]:
     """Build the database from whatever run records exist under ``results_dir``; return the non-ok runs.
 
     Expected runs whose files are absent are reported as ``missing`` (this works on a partial grid too, e.g.

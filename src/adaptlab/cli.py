@@ -77,12 +77,12 @@ def _runs(args) -> int:
 
 def _aggregate(args) -> int:
     from adaptlab.aggregate import aggregate
-    from adaptlab.config import iter_run_ids
+    from adaptlab.config import expand_runs
 
     cfg = _load(args.configfile)
     if cfg is None:
         return 1
-    bad = aggregate(args.results, list(iter_run_ids(cfg)), extra_summaries=["pretrain"])
+    bad = aggregate(args.results, [r.run_id for r in expand_runs(cfg)])
     for run_id, status, _ in bad:
         print(f"{status:9s} {run_id}")
     print(f"{len(bad)} run(s) not ok; database: {Path(args.results) / 'adaptlab.duckdb'}")

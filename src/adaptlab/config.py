@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import yaml
@@ -194,12 +194,6 @@ def expand_runs(cfg: dict) -> list[RunSpec]:
     return runs
 
 
-def used_datasets(cfg: dict) -> list[str]:
-    names = [cfg["pretrain"]["dataset"]] if cfg["pretrain"]["init"] == "scratch" else []
-    for grid in cfg["finetune"]["grids"].values():
-        names += grid["datasets"]
-    return list(dict.fromkeys(names))
-
 
 def pretrain_spec(cfg: dict) -> dict:
     """Everything the pretraining job uses (its Snakemake params)."""
@@ -221,7 +215,3 @@ def stable_json(obj: Any) -> str:
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(stable_json(obj).encode()).hexdigest()[:16]
 
-
-def iter_run_ids(cfg: dict) -> Iterator[str]:
-    for r in expand_runs(cfg):
-        yield r.run_id

@@ -102,8 +102,8 @@ def steps_schema(log_columns) -> pa.Schema:
 def write_steps(path: str | Path, run_id: str, log: dict[str, list[float]]) -> pa.Table:
     """Write the per-step log; ``val_*`` columns are null except at eval steps."""
     schema = steps_schema(log)
-    n = len(log["step"])
-    cols = {"run_id": [run_id] * n, "step": [int(s) for s in log["step"]]}
+    n = len(log.get("step", []))
+    cols = {"run_id": [run_id] * n, "step": [int(s) for s in log.get("step", [])]}
     for f in schema:
         if f.name not in cols:
             cols[f.name] = [_clean(float(v)) for v in log.get(f.name, [math.nan] * n)]

@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import adaptlab
 from adaptlab import records
@@ -60,9 +61,9 @@ def _summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, resul
     }
 
 
-def _task(data, model_cfg: dict, cfg: dict, device, seed: int) -> ImageClassification:
-    img = model_cfg["img_size"] if not model_cfg.get("timm_name") else None
-    return ImageClassification(data, img or 224, device, seed, mean=model_cfg["mean"], std=model_cfg["std"],
+def _task(data, model, model_cfg: dict, cfg: dict, device, seed: int) -> ImageClassification:
+    img_size = model.patch_embed.img_size[0]  # what the backbone takes, whether sized in config or by timm name
+    return ImageClassification(data, img_size, device, seed, mean=model_cfg["mean"], std=model_cfg["std"],
                                eval_batch_size=cfg["eval_batch_size"], hflip=cfg["hflip"])
 
 
@@ -85,28 +86,22 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
         model = create_vit(spec["model"], num_classes=0)  # headless: every finetuning run adds its own head
         load_pretrained_weights(model, spec["weights"])
         save_model_weights(model, out_dir / MODEL_NAME)
-        records.write_steps(out_dir / "steps.parquet", "pretrain", {"step": [], "loss": [], "lr": [], "grad_norm": []})
+        records.write_steps(out_dir / "steps.parquet", "pretrain", {})
         row = _summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
         records.write_summary(out_dir / "summary.parquet", row)
         return row
     data = load_dataset(data_path)
     model = create_vit(spec["model"], data.num_classes)
-    task = _task(data, spec["model"], cfg, dev, spec["seed"])
+    task = _task(data, model, spec["model"], cfg, dev, spec["seed"])
     result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(spec), on_step=on_step)
     if result.best_step is not None:
-        model.load_state_dict(_load(out_dir / BEST_NAME), strict=False)
+        model.load_state_dict(load_file(str(out_dir / BEST_NAME)), strict=False)
     save_model_weights(model, out_dir / MODEL_NAME, metadata={"best_step": str(result.best_step)})
     records.write_steps(out_dir / "steps.parquet", "pretrain", result.log)
     row = _summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
     records.write_summary(out_dir / "summary.parquet", row)
     _cleanup(out_dir, keep_best=False)
     return row
-
-
-def _load(path: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
 
 
 def _cleanup(out_dir: Path, keep_best: bool) -> None:
@@ -139,14 +134,14 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
         model = create_vit(model_cfg, data.num_classes)
         load_model_weights(model, pretrained_path, skip_head=True)
         select_trainable(model, run["trainable_patterns"], head=True)
-        task = _task(data, model_cfg, cfg, dev, run["seed"])
+        task = _task(data, model, model_cfg, cfg, dev, run["seed"])
         result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(full_config), on_step=on_step)
     except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
         if on_error == "raise":
             raise
         row = _summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
                            error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
-        records.write_steps(out_dir / "steps.parquet", run["run_id"], {"step": [], "loss": [], "lr": [], "grad_norm": []})
+        records.write_steps(out_dir / "steps.parquet", run["run_id"], {})
         records.write_summary(out_dir / "summary.parquet", row)
         return row
     records.write_steps(out_dir / "steps.parquet", run["run_id"], result.log)

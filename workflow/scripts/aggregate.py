@@ -3,6 +3,6 @@ from pathlib import Path
 
 from adaptlab.aggregate import aggregate
 
-not_ok = aggregate(Path(snakemake.output.db).parent, snakemake.params.expected, extra_summaries=["pretrain"])
+not_ok = aggregate(Path(snakemake.output.db).parent, snakemake.params.expected)
 for run_id, status, error in not_ok:
     print(f"[aggregate] {status}: {run_id}" + (f" ({error.splitlines()[0]})" if error else ""))
