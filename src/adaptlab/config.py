@@ -194,7 +194,6 @@ def expand_runs(cfg: dict) -> list[RunSpec]:
     return runs
 
 
-
 def pretrain_spec(cfg: dict) -> dict:
     """Everything the pretraining job uses (its Snakemake params)."""
     pre = cfg["pretrain"]
@@ -214,4 +213,3 @@ def stable_json(obj: Any) -> str:
 
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(stable_json(obj).encode()).hexdigest()[:16]
-
