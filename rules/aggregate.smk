@@ -1,5 +1,6 @@
-# Aggregation: all run records → results/adaptlab.duckdb (tables runs, steps, expected_runs and the SQL
-# tables of adaptlab.aggregate.TABLES) → results/tables/*.csv|.md and results/figures/*.png.
+# Aggregation: the records of every expected run (pretraining, finetuning grids, each study's runs) →
+# results/adaptlab.duckdb (runs, steps, expected_runs, the studies' raw tables and the SQL tables of
+# adaptlab.aggregate.all_tables()) → results/tables/*.csv|.md and results/figures/*.png.
 
 
 localrules:
@@ -8,21 +9,19 @@ localrules:
 
 rule aggregate:
     input:
-        summaries=[f"{RESULTS}/runs/{r}/summary.parquet" for r in RUNS],
-        steps=[f"{RESULTS}/runs/{r}/steps.parquet" for r in RUNS],
-        pretrain=rules.pretrain.output.summary,
+        summaries=[summary_file(r) for r in EXPECTED],
     output:
         db=RESULTS + "/adaptlab.duckdb",
         csv=[
             report(f"{RESULTS}/tables/{t}.csv", caption="../workflow/report/table.rst", category="Tables")
-            for t in TABLES
+            for t in all_tables()
         ],
-        md=[f"{RESULTS}/tables/{t}.md" for t in TABLES],
+        md=[f"{RESULTS}/tables/{t}.md" for t in all_tables()],
         figures=[
             report(f"{RESULTS}/figures/{f}.png", caption="../workflow/report/figure.rst", category="Figures")
-            for f in FIGURES
+            for f in all_figures()
         ],
     params:
-        expected=list(RUNS),
+        expected=EXPECTED,
     script:
         "../workflow/scripts/aggregate.py"

@@ -6,14 +6,13 @@
 
 rule finetune:
     input:
-        model=rules.pretrain.output.model,
+        model=lambda wc: backbone_file(RUNS[run_id(wc)].backbone),
         data=lambda wc: dataset_file(wc.dataset),
     output:
         summary=RUN_DIR + "/summary.parquet",
         steps=RUN_DIR + "/steps.parquet",
     params:
         run=run_params,
-        model=stable_json(CFG["model"]),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],
     threads: CFG["threads"]["finetune"]

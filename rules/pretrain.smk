@@ -1,16 +1,21 @@
-# Pretraining: a timm VisionTransformer trained from scratch on the source dataset, or (init: file)
-# timm weights loaded from a local file. Output: the backbone every finetuning run starts from.
+# Pretraining, one job per backbone: a timm VisionTransformer trained from scratch on its source dataset, or
+# (init: file) timm weights loaded from a local file. Output: the backbone its finetuning runs start from.
+
+
+def pretrain_data(wc):
+    spec = pretrain_spec(CFG, wc.backbone)
+    return [dataset_file(spec["dataset"])] if spec["init"] == "scratch" else []
 
 
 rule pretrain:
     input:
-        data=[dataset_file(CFG["pretrain"]["dataset"])] if CFG["pretrain"]["init"] == "scratch" else [],
+        data=pretrain_data,
     output:
-        model=RESULTS + "/pretrain/model.safetensors",
-        summary=RESULTS + "/pretrain/summary.parquet",
-        steps=RESULTS + "/pretrain/steps.parquet",
+        model=PRETRAIN_DIR + "/model.safetensors",
+        summary=PRETRAIN_DIR + "/summary.parquet",
+        steps=PRETRAIN_DIR + "/steps.parquet",
     params:
-        spec=stable_json(pretrain_spec(CFG)),
+        spec=lambda wc: stable_json(pretrain_spec(CFG, wc.backbone)),
         device=CFG["device"],
     threads: CFG["threads"]["pretrain"]
     script:

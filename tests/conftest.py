@@ -27,7 +27,7 @@ def tiny_pretrained(tmp_path_factory, tiny_data) -> Path:
     from adaptlab.runner import run_pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
-    spec = {"dataset": "tiny", "init": "scratch", "weights": None, "seed": 0, "model": TINY_MODEL,
+    spec = {"backbone": "base", "dataset": "tiny", "init": "scratch", "weights": None, "seed": 0, "model": TINY_MODEL,
             "train": train_config({"optimizer": "adamw", "lr": 3e-3, "steps": 10, "batch_size": 32, "eval_every": 5})}
     run_pretrain(spec, tiny_data, out, device="cpu")
     return out / "model.safetensors"

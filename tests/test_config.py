@@ -109,12 +109,30 @@ def test_cli_validate_and_runs(tmp_path, capsys):
     from adaptlab.cli import main
 
     assert main(["validate", str(REPO / "configs/test.yaml")]) == 0
-    assert "valid, 9 finetuning runs" in capsys.readouterr().out
+    assert "valid, 10 runs (9 in finetuning grids)" in capsys.readouterr().out
     assert main(["runs", str(REPO / "configs/test.yaml")]) == 0
     ids = capsys.readouterr().out.split()
-    assert len(ids) == 9 and "main/digits/head/sgd/lr0.05/seed0" in ids
+    assert len(ids) == 10 and "main/digits/head/sgd/lr0.05/seed0" in ids and "pretrain/base" in ids
     bad = yaml.safe_load((REPO / "configs/test.yaml").read_text())
     bad["model"]["patch_size"] = 0
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 1
     assert "model.patch_size" in capsys.readouterr().err
+
+
+def test_backbones_override_the_default_and_grids_pick_one():
+    raw = yaml.safe_load((REPO / "configs/test.yaml").read_text())
+    raw["backbones"] = {"wide": {"model": {"embed_dim": 48}, "pretrain": {"train": {"steps": 7}}}}
+    raw["finetune"]["grids"]["main"]["backbone"] = "wide"
+    cfg = validate_config(raw)
+    from adaptlab.config import backbone_names, pretrain_spec
+    from adaptlab.studies import expected_run_ids
+
+    assert backbone_names(cfg) == ["base", "wide"]
+    wide, base = pretrain_spec(cfg, "wide"), pretrain_spec(cfg, "base")
+    assert wide["model"]["embed_dim"] == 48 and wide["model"]["depth"] == base["model"]["depth"]
+    assert wide["train"]["steps"] == 7 and wide["train"]["lr"] == base["train"]["lr"]  # deep merge
+    assert {r.backbone for r in expand_runs(cfg) if r.grid == "main"} == {"wide"}
+    assert {"pretrain/base", "pretrain/wide"} <= set(expected_run_ids(cfg))
+    raw["finetune"]["grids"]["main"]["backbone"] = "huge"
+    assert "finetune.grids.main.backbone" in _error(raw)

@@ -39,7 +39,7 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_pipeline_builds_database_tables_and_figures(workdir):
     cfg = load_config(workdir / "configs/test.yaml")
-    expected = {r.run_id for r in expand_runs(cfg)} | {"pretrain"}
+    expected = {r.run_id for r in expand_runs(cfg)} | {"pretrain/base"}
     db = workdir / "results/adaptlab.duckdb"
     with duckdb.connect(str(db), read_only=True) as con:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}

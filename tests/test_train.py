@@ -200,7 +200,7 @@ def test_pretrained_weights_load_from_local_safetensors_only(tmp_path):
 
 
 def test_pretrain_from_missing_weights_file_names_the_path(tmp_path):
-    spec = {"dataset": "x", "init": "file", "weights": str(tmp_path / "vit_b16.safetensors"), "seed": 0,
+    spec = {"backbone": "base", "dataset": "x", "init": "file", "weights": str(tmp_path / "vit_b16.safetensors"), "seed": 0,
             "model": TINY_MODEL, "train": train_config({})}
     with pytest.raises(FileNotFoundError, match="pretrain.weights: .*vit_b16.safetensors"):
         run_pretrain(spec, None, tmp_path / "out", device="cpu")
@@ -209,7 +209,7 @@ def test_pretrain_from_missing_weights_file_names_the_path(tmp_path):
 def test_pretrain_from_file_writes_a_headless_backbone(tmp_path):
     source = create_vit(TINY_MODEL, 5)
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    spec = {"dataset": "x", "init": "file", "weights": str(tmp_path / "w.safetensors"), "seed": 0,
+    spec = {"backbone": "base", "dataset": "x", "init": "file", "weights": str(tmp_path / "w.safetensors"), "seed": 0,
             "model": {**TINY_MODEL, "timm_name": None}, "train": train_config({})}
     row = run_pretrain(spec, None, tmp_path / "out", device="cpu")
     assert row["status"] == "ok" and row["steps_done"] == 0

@@ -1,9 +1,9 @@
 """Aggregation: run records (Parquet) → ``results/adaptlab.duckdb`` → tables (CSV + Markdown) and figures.
 
 The database holds the tables ``runs`` and ``steps`` (every run's records, materialised so the file is
-self-contained), ``expected_runs`` (what the config asks for) and one table per entry of ``TABLES``: SQL over
-``runs``/``steps``. Studies add their tables and figures by adding entries to ``TABLES`` and ``FIGURES``.
-Runs that are missing, failed or diverged are listed by name in ``run_status``; none is dropped silently.
+self-contained), ``expected_runs`` (what the config asks for), each study's raw per-run tables, and one table
+per entry of ``all_tables()``: the core ``TABLES`` below, then each study's (``adaptlab.studies``). Runs that
+are missing, failed or diverged are listed by name in ``run_status``; none is dropped silently.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from adaptlab import records
+from adaptlab.studies import studies
 
 FINETUNE_KEYS = "study, grid, dataset, trainable, optimizer"
 
@@ -33,7 +34,7 @@ TABLES: dict[str, str] = {
                stddev_samp(test_acc) FILTER (WHERE status = 'ok') AS test_acc_std,
                any_value(trainable_params) AS trainable_params,
                avg(steps_per_s) AS steps_per_s_mean
-        FROM runs WHERE study <> 'pretrain'
+        FROM runs WHERE kind = 'finetune'
         GROUP BY ALL ORDER BY {FINETUNE_KEYS}, lr""",
     # lr chosen on validation accuracy (mean over seeds), never on test
     "finetune_best": f"""
@@ -87,18 +88,47 @@ FIGURES: dict[str, Callable[[duckdb.DuckDBPyConnection, Path], None]] = {
 }
 
 
+def _merged(attr: str, core: dict) -> dict:
+    out = dict(core)
+    for study in studies():
+        for name, value in getattr(study, attr, {}).items():
+            if name in out:
+                raise ValueError(f"{study.__name__}.{attr}: {name!r} is already defined")
+            out[name] = value
+    return out
+
+
+def all_tables() -> dict[str, str]:
+    return _merged("TABLES", TABLES)
+
+
+def all_figures() -> dict[str, Callable]:
+    return _merged("FIGURES", FIGURES)
+
+
+def raw_tables() -> dict[str, pa.Schema]:
+    return _merged("RAW_TABLES", {})
+
+
+def full_summary_schema() -> pa.Schema:
+    extra = [f for study in studies() for f in getattr(study, "SUMMARY_FIELDS", [])]
+    return records.summary_schema(extra)
+
+
 def _quote(path: str | Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def _load_parquet(con, table: str, files: list[Path], empty_schema: pa.Schema) -> None:
+def _load_parquet(con, table: str, files: list[Path], schema: pa.Schema) -> None:
+    """Create ``table`` from ``files`` (union by column name) with at least the columns of ``schema``."""
+    con.register("_empty", schema.empty_table())
     if files:
         listing = ", ".join(_quote(f) for f in files)
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_parquet([{listing}], union_by_name = true)")
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty UNION ALL BY NAME "
+                    f"SELECT * FROM read_parquet([{listing}], union_by_name = true)")
     else:
-        con.register("_empty", empty_schema.empty_table())
         con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty")
-        con.unregister("_empty")
+    con.unregister("_empty")
 
 
 def format_markdown(columns: list[str], rows: list[tuple]) -> str:
@@ -114,56 +144,58 @@ def format_markdown(columns: list[str], rows: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_database(db_path: str | Path, summary_files: list[Path], steps_files: list[Path],
-                   expected_run_ids: list[str]) -> None:
-    """(Re)build the DuckDB file from the run records; written to a temporary file and renamed."""
+def build_database(db_path: str | Path, run_dirs: list[Path], expected_run_ids: list[str]) -> None:
+    """(Re)build the DuckDB file from the records in ``run_dirs``; written to a temporary file and renamed."""
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.with_suffix(".duckdb.tmp")
     tmp.unlink(missing_ok=True)
+
+    def files(name: str) -> list[Path]:
+        return [d / f"{name}.parquet" for d in run_dirs if (d / f"{name}.parquet").is_file()]
+
     with duckdb.connect(str(tmp)) as con:
-        _load_parquet(con, "runs", summary_files, records.SUMMARY_SCHEMA)
-        _load_parquet(con, "steps", steps_files, records.steps_schema(["val_acc", "val_loss"]))
+        _load_parquet(con, "runs", files("summary"), full_summary_schema())
+        _load_parquet(con, "steps", files("steps"), records.steps_schema(["val_acc", "val_loss"]))
+        for name, schema in raw_tables().items():
+            _load_parquet(con, name, files(name), schema)
         con.register("_expected", pa.table({"run_id": pa.array(expected_run_ids, pa.string())}))
         con.execute("CREATE TABLE expected_runs AS SELECT * FROM _expected")
         con.unregister("_expected")
-        for name, sql in TABLES.items():
+        for name, sql in all_tables().items():
             con.execute(f"CREATE TABLE {name} AS {sql}")
     os.replace(tmp, db_path)
 
 
 def export(db_path: str | Path, tables_dir: str | Path, figures_dir: str | Path) -> dict[str, int]:
-    """Write every table of ``TABLES`` as CSV and Markdown and every figure of ``FIGURES`` as PNG."""
+    """Write every table of ``all_tables()`` as CSV and Markdown and every figure of ``all_figures()`` as PNG."""
     tables_dir, figures_dir = Path(tables_dir), Path(figures_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
     figures_dir.mkdir(parents=True, exist_ok=True)
     counts = {}
     with duckdb.connect(str(db_path), read_only=True) as con:
-        for name in TABLES:
+        for name in all_tables():
             cur = con.execute(f"SELECT * FROM {name}")
             columns = [d[0] for d in cur.description]
             rows = cur.fetchall()
             counts[name] = len(rows)
             con.execute(f"COPY {name} TO {_quote(tables_dir / (name + '.csv'))} (HEADER, DELIMITER ',')")
             (tables_dir / f"{name}.md").write_text(format_markdown(columns, rows))
-        for name, plot in FIGURES.items():
+        for name, plot in all_figures().items():
             plot(con, figures_dir / f"{name}.png")
     return counts
 
 
-def aggregate(results_dir: str | Path, expected_run_ids: list[str], extra_summaries=("pretrain",)) -> list[tuple]:
+def aggregate(results_dir: str | Path, expected_run_ids: list[str]) -> list[tuple]:
     """Build the database from whatever run records exist under ``results_dir``; return the non-ok runs.
 
+    Every run (pretraining, finetuning, each study's) keeps its records in ``results/runs/<run_id>/``.
     Expected runs whose files are absent are reported as ``missing`` (this works on a partial grid too, e.g.
     ``adaptlab aggregate`` while a cluster run is still going).
     """
     results_dir = Path(results_dir)
-    ids = list(expected_run_ids) + list(extra_summaries)
-    summaries = [results_dir / "runs" / r / "summary.parquet" for r in expected_run_ids]
-    summaries += [results_dir / s / "summary.parquet" for s in extra_summaries]
-    present = [(s, s.with_name("steps.parquet")) for s in summaries if s.is_file()]
-    build_database(results_dir / "adaptlab.duckdb", [p[0] for p in present],
-                   [p[1] for p in present if p[1].is_file()], ids)
+    run_dirs = [results_dir / "runs" / r for r in expected_run_ids]
+    build_database(results_dir / "adaptlab.duckdb", run_dirs, list(expected_run_ids))
     export(results_dir / "adaptlab.duckdb", results_dir / "tables", results_dir / "figures")
     with duckdb.connect(str(results_dir / "adaptlab.duckdb"), read_only=True) as con:
         return con.execute("SELECT run_id, status, error FROM run_status").fetchall()

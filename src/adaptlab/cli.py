@@ -56,33 +56,34 @@ def _load(path: str):
 
 def _validate(args) -> int:
     from adaptlab.config import expand_runs
+    from adaptlab.studies import expected_run_ids
 
     cfg = _load(args.configfile)
     if cfg is None:
         return 1
-    print(f"{args.configfile}: valid, {len(expand_runs(cfg))} finetuning runs")
+    print(f"{args.configfile}: valid, {len(expected_run_ids(cfg))} runs ({len(expand_runs(cfg))} in finetuning grids)")
     return 0
 
 
 def _runs(args) -> int:
-    from adaptlab.config import expand_runs
+    from adaptlab.studies import expected_run_ids
 
     cfg = _load(args.configfile)
     if cfg is None:
         return 1
-    for r in expand_runs(cfg):
-        print(r.run_id)
+    for run_id in expected_run_ids(cfg):
+        print(run_id)
     return 0
 
 
 def _aggregate(args) -> int:
     from adaptlab.aggregate import aggregate
-    from adaptlab.config import expand_runs
+    from adaptlab.studies import expected_run_ids
 
     cfg = _load(args.configfile)
     if cfg is None:
         return 1
-    bad = aggregate(args.results, [r.run_id for r in expand_runs(cfg)])
+    bad = aggregate(args.results, expected_run_ids(cfg))
     for run_id, status, _ in bad:
         print(f"{status:9s} {run_id}")
     print(f"{len(bad)} run(s) not ok; database: {Path(args.results) / 'adaptlab.duckdb'}")
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", action="store_true", help="print CSV instead of a Markdown table")
     p.set_defaults(func=_sql)
     for name, func, help_ in (("validate", _validate, "validate a config file against the schema"),
-                              ("runs", _runs, "list the finetuning run ids a config expands to")):
+                              ("runs", _runs, "list every run id a config expands to")):
         p = sub.add_parser(name, help=help_)
         p.add_argument("configfile", nargs="?", default="config.yaml")
         p.set_defaults(func=func)

@@ -43,13 +43,30 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Defaults of the default backbone. They live here, not in the schema, because `backbones.<name>` reuse the
+# same schema as overrides, where a filled-in default would silently replace the base value.
+MODEL_DEFAULTS: dict[str, Any] = {
+    "timm_name": None, "img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4,
+    "mlp_ratio": 4.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+}
+PRETRAIN_DEFAULTS: dict[str, Any] = {"init": "scratch", "weights": None, "seed": 0}
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key (and file when known)."""
 
 
 def schema() -> dict:
-    text = resources.files("adaptlab").joinpath("config.schema.yaml").read_text()
-    return yaml.safe_load(text)
+    """The main schema plus one top-level section per study fragment in ``adaptlab/schemas/<section>.schema.yaml``.
+
+    A study owns its section's schema file, so studies never edit each other's keys.
+    """
+    root = resources.files("adaptlab")
+    out = yaml.safe_load(root.joinpath("config.schema.yaml").read_text())
+    for frag in sorted(root.joinpath("schemas").iterdir(), key=lambda f: f.name):
+        if frag.name.endswith(".schema.yaml"):
+            out["properties"][frag.name[: -len(".schema.yaml")]] = yaml.safe_load(frag.read_text())
+    return out
 
 
 def _key_path(path) -> str:
@@ -85,6 +102,8 @@ def validate_config(config: dict, source: str = "config") -> dict:
             err = jsonschema.exceptions.best_match([err]) or err
             lines.append(f"  {_key_path(err.absolute_path)}: {err.message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
+    cfg["model"] = {**MODEL_DEFAULTS, **cfg["model"]}
+    cfg["pretrain"] = {**PRETRAIN_DEFAULTS, **cfg["pretrain"]}
     _check_references(cfg, source)
     return cfg
 
@@ -98,8 +117,21 @@ def _check_references(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: pretrain.weights: required when pretrain.init is 'file'")
     if pre["init"] == "file" and not cfg["model"].get("timm_name"):
         raise ConfigError(f"{source}: model.timm_name: required when pretrain.init is 'file' (the architecture of the weights)")
+    for name, bb in cfg["backbones"].items():
+        if name == DEFAULT_BACKBONE:
+            raise ConfigError(f"{source}: backbones.{name}: the name {name!r} is the backbone of `model`/`pretrain`")
+        merged = backbone_spec(cfg, name)
+        if merged["pretrain"]["init"] == "scratch" and merged["pretrain"]["dataset"] not in datasets:
+            raise ConfigError(f"{source}: backbones.{name}.pretrain.dataset: unknown dataset "
+                              f"{merged['pretrain']['dataset']!r} (declared: {sorted(datasets)})")
+        if merged["pretrain"]["init"] == "file" and not merged["pretrain"].get("weights"):
+            raise ConfigError(f"{source}: backbones.{name}.pretrain.weights: required when pretrain.init is 'file'")
+    backbones = backbone_names(cfg)
     sets = cfg["trainable_sets"]
     for name, grid in cfg["finetune"]["grids"].items():
+        if grid["backbone"] not in backbones:
+            raise ConfigError(f"{source}: finetune.grids.{name}.backbone: unknown backbone {grid['backbone']!r} "
+                              f"(declared: {backbones})")
         for i, ds in enumerate(grid["datasets"]):
             if ds not in datasets:
                 raise ConfigError(f"{source}: finetune.grids.{name}.datasets[{i}]: unknown dataset {ds!r} (declared: {sorted(datasets)})")
@@ -123,6 +155,38 @@ def load_config(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Backbones: `model` + `pretrain` are the default backbone; `backbones.<name>` override them for more.
+
+DEFAULT_BACKBONE = "base"
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, val in (over or {}).items():
+        out[key] = _deep_merge(out[key], val) if isinstance(val, dict) and isinstance(out.get(key), dict) else copy.deepcopy(val)
+    return out
+
+
+def backbone_names(cfg: dict) -> list[str]:
+    return [DEFAULT_BACKBONE] + sorted(cfg.get("backbones", {}))
+
+
+def backbone_spec(cfg: dict, name: str = DEFAULT_BACKBONE) -> dict:
+    """{"model": ..., "pretrain": ...} of a backbone: the defaults, deep-merged with ``backbones.<name>``."""
+    base = {"model": cfg["model"], "pretrain": cfg["pretrain"]}
+    if name == DEFAULT_BACKBONE:
+        return copy.deepcopy(base)
+    if name not in cfg.get("backbones", {}):
+        raise ConfigError(f"backbone: unknown {name!r} (declared: {backbone_names(cfg)})")
+    over = cfg["backbones"][name]
+    return _deep_merge(base, {"model": over.get("model", {}), "pretrain": over.get("pretrain", {})})
+
+
+def pretrain_run_id(backbone: str) -> str:
+    return f"pretrain/{backbone}"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Grid expansion
 
 
@@ -143,6 +207,8 @@ class RunSpec:
     seed: int
     train: dict = field(hash=False, compare=False)
     trainable_patterns: tuple = ()
+    backbone: str = DEFAULT_BACKBONE
+    model: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def run_id(self) -> str:
@@ -157,6 +223,8 @@ class RunSpec:
             "run_id": self.run_id,
             "study": self.study,
             "grid": self.grid,
+            "backbone": self.backbone,
+            "model": self.model,
             "dataset": self.dataset,
             "trainable": self.trainable,
             "trainable_patterns": list(self.trainable_patterns),
@@ -190,19 +258,22 @@ def expand_runs(cfg: dict) -> list[RunSpec]:
                                 grid=name, study=grid["study"], dataset=ds, trainable=trainable, optimizer=opt,
                                 lr=float(lr), seed=int(seed), train=train,
                                 trainable_patterns=tuple(cfg["trainable_sets"][trainable]),
+                                backbone=grid["backbone"], model=backbone_spec(cfg, grid["backbone"])["model"],
                             ))
     return runs
 
 
-def pretrain_spec(cfg: dict) -> dict:
-    """Everything the pretraining job uses (its Snakemake params)."""
-    pre = cfg["pretrain"]
+def pretrain_spec(cfg: dict, backbone: str = DEFAULT_BACKBONE) -> dict:
+    """Everything the pretraining job of one backbone uses (its Snakemake params)."""
+    spec = backbone_spec(cfg, backbone)
+    pre = spec["pretrain"]
     return {
+        "backbone": backbone,
         "dataset": pre["dataset"],
         "init": pre["init"],
         "weights": pre.get("weights"),
         "seed": pre["seed"],
-        "model": cfg["model"],
+        "model": spec["model"],
         "train": train_config(pre.get("train")),
     }
 

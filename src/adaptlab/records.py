@@ -18,7 +18,9 @@ STATUSES = ("ok", "diverged", "failed")
 
 SUMMARY_FIELDS = [
     pa.field("run_id", pa.string(), nullable=False),
+    pa.field("kind", pa.string()),  # pretrain | finetune (the core grids) | a study's own kind of run
     pa.field("study", pa.string()),
+    pa.field("backbone", pa.string()),
     pa.field("grid", pa.string()),
     pa.field("dataset", pa.string()),
     pa.field("seed", pa.int64()),

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import adaptlab
 from adaptlab import records
-from adaptlab.config import config_hash, stable_json
+from adaptlab.config import config_hash, pretrain_run_id, stable_json
 from adaptlab.data.store import load_dataset
 from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
 from adaptlab.train.device import resolve_device, set_threads
@@ -77,7 +77,8 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
     out_dir = Path(out_dir)
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    identity = {"run_id": "pretrain", "study": "pretrain", "grid": "pretrain", "dataset": spec["dataset"],
+    identity = {"run_id": pretrain_run_id(spec["backbone"]), "kind": "pretrain", "study": "pretrain",
+                "grid": "pretrain", "backbone": spec["backbone"], "dataset": spec["dataset"],
                 "seed": spec["seed"], "lr": spec["train"]["lr"], "optimizer": spec["train"]["optimizer"],
                 "trainable": "full"}
     cfg = spec["train"]
@@ -125,7 +126,9 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
     dev = resolve_device(device)
     t0 = time.perf_counter()
     cfg = run["train"]
-    identity = {k: run[k] for k in ("run_id", "study", "grid", "dataset", "seed", "lr", "optimizer", "trainable")}
+    identity = {k: run[k] for k in ("run_id", "study", "grid", "backbone", "dataset", "seed", "lr", "optimizer",
+                                    "trainable")}
+    identity["kind"] = "finetune"
     full_config = {"run": run, "model": model_cfg}
     model, result = None, None
     try:
