@@ -29,9 +29,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def _summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, result: FitResult | None,
+def summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, result: FitResult | None,
                  device: torch.device, full_config: dict, wall: float, status: str | None = None,
                  error: str | None = None) -> dict:
+    """The core summary columns (``adaptlab.records.SUMMARY_FIELDS``) of a run; ``identity`` gives run_id, kind,
+    study, grid, backbone, dataset, seed, lr, optimizer, trainable. Studies add their ``SUMMARY_FIELDS`` to it."""
     trainable, total = count_parameters(model) if model is not None else (None, None)
     best = result.best_val if result else {}
     test = (result.test or {}) if result else {}
@@ -88,7 +90,7 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
         load_pretrained_weights(model, spec["weights"])
         save_model_weights(model, out_dir / MODEL_NAME)
         records.write_steps(out_dir / "steps.parquet", "pretrain", {})
-        row = _summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
+        row = summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
         records.write_summary(out_dir / "summary.parquet", row)
         return row
     data = load_dataset(data_path)
@@ -99,7 +101,7 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
         model.load_state_dict(load_file(str(out_dir / BEST_NAME)), strict=False)
     save_model_weights(model, out_dir / MODEL_NAME, metadata={"best_step": str(result.best_step)})
     records.write_steps(out_dir / "steps.parquet", "pretrain", result.log)
-    row = _summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
+    row = summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
     records.write_summary(out_dir / "summary.parquet", row)
     _cleanup(out_dir, keep_best=False)
     return row
@@ -142,13 +144,13 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
     except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
         if on_error == "raise":
             raise
-        row = _summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
+        row = summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
                            error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
         records.write_steps(out_dir / "steps.parquet", run["run_id"], {})
         records.write_summary(out_dir / "summary.parquet", row)
         return row
     records.write_steps(out_dir / "steps.parquet", run["run_id"], result.log)
-    row = _summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0)
+    row = summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0)
     records.write_summary(out_dir / "summary.parquet", row)
     _cleanup(out_dir, keep_best=cfg["keep_weights"])
     return row
