@@ -8,13 +8,13 @@ from adaptlab.studies import expected_run_ids
 
 try:
     CFG = validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+    # Every run of every study: the aggregate rule waits for each one's summary.parquet.
+    EXPECTED = expected_run_ids(CFG)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 RUNS = {r.run_id: r for r in expand_runs(CFG)}
 BACKBONES = backbone_names(CFG)
-# Every run of every study: the aggregate rule waits for each one's summary.parquet.
-EXPECTED = expected_run_ids(CFG)
 NAME = r"[A-Za-z][A-Za-z0-9_-]*"
 
 

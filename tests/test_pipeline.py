@@ -10,7 +10,8 @@ import duckdb
 import pytest
 import yaml
 
-from adaptlab.config import expand_runs, load_config
+from adaptlab.config import load_config
+from adaptlab.studies import expected_run_ids
 from conftest import copy_workflow
 
 
@@ -39,7 +40,8 @@ def workdir(tmp_path_factory) -> Path:
 
 def test_pipeline_builds_database_tables_and_figures(workdir):
     cfg = load_config(workdir / "configs/test.yaml")
-    expected = {r.run_id for r in expand_runs(cfg)} | {"pretrain/base"}
+    expected = set(expected_run_ids(cfg))
+    assert {"pretrain/base", "plasticity/analysis/base/noisy", "plasticity/linear_probe/base/noisy"} < expected
     db = workdir / "results/adaptlab.duckdb"
     with duckdb.connect(str(db), read_only=True) as con:
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
@@ -67,6 +69,21 @@ def test_pipeline_builds_database_tables_and_figures(workdir):
         assert (workdir / f"results/tables/{name}.csv").stat().st_size > 0
         assert (workdir / f"results/tables/{name}.md").read_text().startswith("| ")
     assert (workdir / "results/figures/learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pipeline_runs_the_plasticity_study(workdir):
+    with duckdb.connect(str(workdir / "results/adaptlab.duckdb"), read_only=True) as con:
+        layers = con.execute("SELECT count(*), count(DISTINCT component), min(n_pairs) FROM plasticity_layers "
+                             "WHERE dataset = 'noisy'").fetchone()
+        assert layers == (2 * 5, 5, 64)  # 2 blocks x 5 components, 64 pairs each
+        ft = con.execute("SELECT config, lp_acc, rg FROM plasticity_finetune ORDER BY config").fetchall()
+        assert [c for c, *_ in ft] == ["ffn_norm", "mha"] and all(0 < lp <= 1 and rg is not None for _, lp, rg in ft)
+        comps = con.execute("SELECT config, theoretical_rank, mean_plasticity FROM plasticity_components "
+                            "ORDER BY config").fetchall()
+        assert [c[:2] for c in comps] == [("ffn_norm", 4), ("mha", 1)] and all(c[2] > 0 for c in comps)
+        assert con.execute("SELECT versus, n_datasets FROM plasticity_significance").fetchall() == [("ffn_norm", 1)]
+    for name in ("plasticity_by_component", "plasticity_by_depth", "plasticity_relative_gain"):
+        assert (workdir / f"results/figures/{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_nothing_to_do_when_unchanged(workdir):
@@ -120,10 +137,10 @@ def test_sql_cli_queries_the_database(workdir):
     proc = subprocess.run(["adaptlab", "sql", "--db", db, "SELECT status, count(*) AS n FROM runs GROUP BY status "
                            "ORDER BY status"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "| diverged | 1 |" in proc.stdout and "| ok | 9 |" in proc.stdout
+    assert "| diverged | 1 |" in proc.stdout and "| ok | 13 |" in proc.stdout
     proc = subprocess.run(["adaptlab", "sql", "--csv", "--db", db, "SELECT count(*) AS n FROM expected_runs"],
                           capture_output=True, text=True)
-    assert proc.stdout.splitlines() == ["n", "10"]
+    assert proc.stdout.splitlines() == ["n", "14"]
     proc = subprocess.run(["adaptlab", "sql", "--db", db, "SELECT * FROM no_such_table"], capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "no_such_table" in proc.stderr

@@ -21,6 +21,7 @@ import duckdb
 import yaml
 
 from adaptlab.config import expand_runs, load_config
+from adaptlab.studies import expected_run_ids
 from conftest import REPO, copy_workflow
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
@@ -176,12 +177,14 @@ def test_slurm_profile_with_mock_slurm(tmp_path):
     assert proc.returncode == 0, f"snakemake failed after {elapsed:.0f} s:\n{log[-6000:]}"
 
     # --- results: every expected run (+ the pretrain record) reached the database ------------------------------
-    n_runs = len(expand_runs(load_config(work / "configs" / "test.yaml")))
-    assert n_runs == 9  # 8 in grid `main` + 1 in grid `unstable`
+    cfg = load_config(work / "configs" / "test.yaml")
+    n_runs = len(expand_runs(cfg))
+    assert n_runs == 11  # 8 in grid `main`, 1 in grid `unstable`, 2 in grid `components`
+    n_expected = len(expected_run_ids(cfg))  # + pretraining, plasticity analysis and linear probe
     db = work / "results" / "adaptlab.duckdb"
     assert db.exists()
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_runs + 1
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_expected == n_runs + 3
         assert con.execute("SELECT count(*) FROM runs WHERE study = 'pretrain'").fetchone()[0] == 1
         assert con.execute("SELECT count(*) FROM runs WHERE grid = 'unstable'").fetchone()[0] == 1
 
@@ -196,7 +199,10 @@ def test_slurm_profile_with_mock_slurm(tmp_path):
         by_rule.setdefault(c["rules"][0], []).append(c)
 
     # aggregate is a localrule: it ran in the controller (its outputs exist), never through sbatch; `all` has no job
-    assert set(by_rule) == {"prepare_data", "pretrain", "finetune"}, sorted(by_rule)
+    assert set(by_rule) == {"prepare_data", "pretrain", "finetune", "plasticity_analysis", "linear_probe"}, sorted(by_rule)
+    for rule in ("plasticity_analysis", "linear_probe"):
+        (job,) = by_rule[rule]
+        assert job["gpus"] == ["--gpus=1"] and opt_value(job["argv"], "-p") == gpu_partition, job["argv"]
     assert not any("aggregate" in t for c in calls for t in c["targets"])
     assert "localrule aggregate" in log
 

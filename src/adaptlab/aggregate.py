@@ -18,9 +18,10 @@ import pyarrow as pa
 from adaptlab import records
 from adaptlab.studies import studies
 
-FINETUNE_KEYS = "study, grid, dataset, trainable, optimizer"
+FINETUNE_KEYS = "study, grid, backbone, dataset, trainable, optimizer"
 
-TABLES: dict[str, str] = {
+# name -> SQL over the tables above it, or a callable(con, name) that creates the table (for scipy statistics).
+TABLES: dict[str, str | Callable] = {
     "run_status": """
         SELECT e.run_id, coalesce(r.status, 'missing') AS status, r.error, r.steps_done, r.steps_planned
         FROM expected_runs e LEFT JOIN runs r USING (run_id)
@@ -163,7 +164,10 @@ def build_database(db_path: str | Path, run_dirs: list[Path], expected_run_ids: 
         con.execute("CREATE TABLE expected_runs AS SELECT * FROM _expected")
         con.unregister("_expected")
         for name, sql in all_tables().items():
-            con.execute(f"CREATE TABLE {name} AS {sql}")
+            if callable(sql):  # a table computed in Python (e.g. scipy tests) from the tables before it
+                sql(con, name)
+            else:
+                con.execute(f"CREATE TABLE {name} AS {sql}")
     os.replace(tmp, db_path)
 
 

@@ -81,6 +81,11 @@ def _write(table: pa.Table, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+def write_table(table: pa.Table, path: str | Path) -> None:
+    """Write any per-run Parquet table (e.g. a study's raw table) atomically: a killed job leaves no half file."""
+    _write(table, path)
+
+
 def write_summary(path: str | Path, row: dict, extra_fields: list[pa.Field] | None = None) -> pa.Table:
     """Write the one-row summary; every schema column must be given (None for unknown), nothing else."""
     schema = summary_schema(extra_fields)

@@ -9,7 +9,8 @@ A study is a module listed in ``STUDY_MODULES``. It may define any of:
 - ``SUMMARY_FIELDS: list[pyarrow.Field]``: the study's extra summary columns.
 - ``RAW_TABLES: dict[str, pyarrow.Schema]``: per-run Parquet files loaded into the DuckDB table of that name
   (empty, with that schema, when no run wrote one, so the study's SQL always runs).
-- ``TABLES: dict[str, str]`` (SQL over ``runs``, ``steps``, raw tables and earlier tables) and
+- ``TABLES: dict[str, str | callable(con, name)]`` (SQL over ``runs``, ``steps``, raw tables and earlier tables,
+  or a function that creates the table, for statistics SQL lacks) and
   ``FIGURES: dict[str, callable(con, path)]``.
 
 The aggregation, the Snakefile and the CLI all read this one list, so they agree on what a run is.
@@ -20,7 +21,9 @@ import importlib
 from collections import Counter
 from types import ModuleType
 
-STUDY_MODULES: tuple[str, ...] = ()
+STUDY_MODULES: tuple[str, ...] = (
+    "adaptlab.plasticity",
+)
 
 
 def studies() -> list[ModuleType]:

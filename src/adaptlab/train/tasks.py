@@ -39,6 +39,14 @@ class ImageClassification:
             x = F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std
 
+    def inputs(self, split: str, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised model inputs of a split (rows ``idx``, in file order), e.g. for probes and frozen features."""
+        x = self._x[split]
+        return self._prepare(x if idx is None else x[idx.to(x.device)])
+
+    def labels(self, split: str) -> torch.Tensor:
+        return self._y[split]
+
     def train_batch(self, step: int, batch_size: int):
         """Shuffled epochs with drop_last, each epoch's order seeded by (seed, epoch)."""
         n = len(self._y["train"])
