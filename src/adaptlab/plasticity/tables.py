@@ -134,75 +134,64 @@ def _plt():
     return plt
 
 
-def _empty(ax, text="no plasticity runs"):
-    ax.text(0.5, 0.5, text, ha="center", va="center")
-    ax.axis("off")
+def _panels(path: Path, keys: list, draw) -> None:
+    """One panel per key, drawn by ``draw(ax, key)``; a note instead when there is nothing to draw."""
+    plt = _plt()
+    n = max(1, len(keys))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        draw(ax, key)
+    if not keys:
+        axes.flat[0].text(0.5, 0.5, "no plasticity runs", ha="center", va="center")
+        axes.flat[0].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_plasticity_by_component(con, path: Path) -> None:
     """Boxplot over layers (and datasets) of each component type's plasticity; x = theoretical rank."""
-    plt = _plt()
     rows = con.execute("SELECT backbone, component, theoretical_rank, plasticity FROM plasticity_probe "
                        "WHERE plasticity IS NOT NULL ORDER BY ALL").fetchall()
-    backbones = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
-    for ax, bb in zip(axes.flat, backbones):
+
+    def draw(ax, bb):
         ranks = sorted({(r[2], r[1]) for r in rows if r[0] == bb})
         ax.boxplot([[r[3] for r in rows if r[0] == bb and r[1] == c] for _, c in ranks],
                    tick_labels=[f"{k}\n{c}" for k, c in ranks])
-        ax.set_xlabel("theoretical plasticity rank")
-        ax.set_ylabel("plasticity")
-        ax.set_title(f"backbone {bb}")
-    if not backbones:
-        _empty(axes.flat[0])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set(xlabel="theoretical plasticity rank", ylabel="plasticity", title=f"backbone {bb}")
+
+    _panels(path, sorted({r[0] for r in rows}), draw)
 
 
 def plot_plasticity_by_depth(con, path: Path) -> None:
     """Mean plasticity (over datasets) against relative depth l / (L - 1), one curve per component type."""
-    plt = _plt()
     rows = con.execute("""
         SELECT backbone, component, layer / greatest(max(layer) OVER (PARTITION BY backbone), 1) AS depth,
                avg(plasticity) AS p
         FROM plasticity_probe WHERE plasticity IS NOT NULL GROUP BY backbone, component, layer ORDER BY ALL""").fetchall()
-    backbones = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(backbones)), figsize=(4.5 * max(1, len(backbones)), 3.6), squeeze=False)
-    for ax, bb in zip(axes.flat, backbones):
+
+    def draw(ax, bb):
         for comp in sorted({r[1] for r in rows if r[0] == bb}):
             pts = [(r[2], r[3]) for r in rows if r[0] == bb and r[1] == comp]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=comp)
-        ax.set_xlabel("relative depth")
-        ax.set_ylabel("plasticity")
-        ax.set_yscale("log")
-        ax.set_title(f"backbone {bb}")
+        ax.set(xlabel="relative depth", ylabel="plasticity", yscale="log", title=f"backbone {bb}")
         ax.legend(fontsize=7)
-    if not backbones:
-        _empty(axes.flat[0])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _panels(path, sorted({r[0] for r in rows}), draw)
 
 
 def plot_relative_gain(con, path: Path) -> None:
     """Mean relative gain over linear probing per configuration, one panel per (backbone, optimizer) arm."""
-    plt = _plt()
     rows = con.execute("SELECT backbone, optimizer, config, mean_rg, coalesce(theoretical_rank, 0) FROM "
                        "plasticity_components WHERE mean_rg IS NOT NULL ORDER BY 1, 2, 5, 3").fetchall()
-    arms = sorted({(r[0], r[1]) for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(arms)), figsize=(4.5 * max(1, len(arms)), 3.6), squeeze=False)
-    for ax, (bb, opt) in zip(axes.flat, arms):
-        pts = [(r[2], r[3]) for r in rows if r[0] == bb and r[1] == opt]
+
+    def draw(ax, arm):
+        pts = [(r[2], r[3]) for r in rows if (r[0], r[1]) == arm]
         ax.bar([p[0] for p in pts], [p[1] for p in pts])
-        ax.set_ylabel("mean RG over LP (%)")
-        ax.set_title(f"{bb} / {opt}")
+        ax.set(ylabel="mean RG over LP (%)", title=" / ".join(arm))
         ax.tick_params(axis="x", rotation=45)
-    if not arms:
-        _empty(axes.flat[0])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _panels(path, sorted({(r[0], r[1]) for r in rows}), draw)
 
 
 FIGURES = {
