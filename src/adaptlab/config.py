@@ -33,6 +33,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "betas": [0.9, 0.999],
     "eps": 1e-8,
+    # AdamO (adaptlab.train.adamo): decoupled isometry step on the matrices selected by name
+    "isometry_lambda": 0.01,
+    "isometry_scale": 1.0,
+    "isometry_lr_scale": 1.0,
+    "isometry_patterns": ["*"],
+    "isometry_exclude": ["head*", "*embed*", "*norm*", "*cls_token*", "*pos_embed*", "*reg_token*"],
     "warmup_steps": 0.1,
     "min_lr_factor": 0.0,
     "clip_grad": 1.0,
