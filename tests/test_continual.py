@@ -304,12 +304,13 @@ CONTINUAL = {
                "vit": {"kind": "vit", "width": 8, "depth": 1, "num_heads": 2, "patch_size": 4}},
     "methods": {"adam": {"optimizer": "adam"}, "adamo": {"optimizer": "adamo", "isometry_lambda": 0.1},
                 "redo": {"optimizer": "adam", "redo_tau": 0.1}, "snp": {"optimizer": "adam", "shrink": 0.8, "perturb": 0.1}},
-    "grids": {"t": {"benchmarks": ["rl"], "models": ["mlp"], "methods": ["adam", "adamo", "redo", "snp"],
+    "grids": {"t": {"benchmarks": ["rl"], "models": ["mlp"], "methods": ["adam", "adamo"],
                     "seeds": [0], "tasks": 3, "steps": 10, "summary_tasks": 1, "probe": 32, "ntk_every": 2,
-                    "ntk_probe": 4},
-              "v": {"benchmarks": ["pd"], "models": ["vit"], "methods": ["adamo"], "seeds": [0], "tasks": 2,
-                    "steps": 5, "summary_tasks": 1, "probe": 16, "ntk_every": 1, "ntk_probe": 2}},
+                    "ntk_probe": 4}},
 }
+# run in-process (no Snakemake job each): the ViT, ReDo and Shrink & Perturb paths
+MORE_GRIDS = {"v": {"benchmarks": ["pd"], "models": ["vit"], "methods": ["adamo", "redo", "snp"], "seeds": [0],
+                    "tasks": 2, "steps": 5, "summary_tasks": 1, "probe": 16, "ntk_every": 1, "ntk_probe": 2}}
 MINI = {"device": "cpu", "threads": {"pretrain": 1, "finetune": 1},
         "datasets": {"src": {"kind": "procedural", "classes": 4, "image_size": 16, "n_train": 64, "n_val": 32,
                              "n_test": 32, "seed": 0}},
@@ -322,7 +323,7 @@ MINI = {"device": "cpu", "threads": {"pretrain": 1, "finetune": 1},
 
 def test_continual_config_errors_name_the_key():
     for edit, match in [
-        (lambda c: c["grids"]["t"]["methods"].append("nope"), r"continual.grids.t.methods\[4\]: unknown method"),
+        (lambda c: c["grids"]["t"]["methods"].append("nope"), r"continual.grids.t.methods\[2\]: unknown method"),
         (lambda c: c["grids"]["t"].update(models=["vit"]), "needs image inputs"),
         (lambda c: c["methods"]["adam"].update(isometry_lambda=0.1), "continual.methods.adam.isometry_lambda"),
     ]:
@@ -336,6 +337,26 @@ def test_continual_config_errors_name_the_key():
         validate_config(cfg)
 
 
+def test_vit_redo_and_shrink_perturb_runs(tmp_path):
+    cfg = copy.deepcopy(MINI)
+    cfg["continual"]["grids"] = MORE_GRIDS
+    specs = run_specs(validate_config(cfg))
+    for rid, spec in specs.items():
+        row = run_continual(spec, tmp_path / rid, on_error="raise")
+        assert row["status"] == "ok" and row["n_tasks"] == 2 and 0 <= row["dead_frac_end"] <= 1
+    with duckdb.connect() as con:
+        layers = {r[0] for r in con.execute(
+            f"SELECT DISTINCT layer FROM read_parquet('{tmp_path}/**/continual_task_metrics.parquet')").fetchall()}
+    assert {"blocks.0.attn.qkv.weight[0]", "blocks.0.attn.qkv.weight[2]", "blocks.0.mlp", "all"} <= layers
+
+
+def test_run_records_a_failure_instead_of_crashing(tmp_path):
+    spec = copy.deepcopy(next(iter(run_specs(validate_config(MINI)).values())))
+    spec["model"]["width"] = 0  # not a valid layer size
+    row = run_continual(spec, tmp_path, on_error="record")
+    assert row["status"] == "failed" and row["error"]
+
+
 def test_continual_pipeline_end_to_end(tmp_path):
     wd = copy_workflow(tmp_path / "wf")
     (wd / "configs/mini.yaml").write_text(yaml.safe_dump(MINI))
@@ -345,27 +366,17 @@ def test_continual_pipeline_end_to_end(tmp_path):
     with duckdb.connect(str(wd / "results/adaptlab.duckdb"), read_only=True) as con:
         assert con.execute("SELECT count(*) FROM run_status").fetchone()[0] == 0
         rows = con.execute("SELECT method, task, n_seeds, acc_mean, dead_frac_mean, ntk_cond_mean FROM continual_tasks "
-                           "WHERE grid = 't' ORDER BY method, task").fetchall()
-        assert len(rows) == 4 * 3
-        assert all(0 <= r[3] <= 1 and 0 <= r[4] <= 1 for r in rows)
+                           "ORDER BY method, task").fetchall()
+        assert len(rows) == 2 * 3
+        assert all(r[2] == 1 and 0 <= r[3] <= 1 and 0 <= r[4] <= 1 for r in rows)
         assert [r[5] is not None for r in rows if r[0] == "adam"] == [True, False, True]  # tasks 0, 2 (and last)
-        summ = con.execute("SELECT method, n_ok, k_tasks, acc_first_mean, acc_last_mean, dead_end_mean "
-                           "FROM continual_summary WHERE grid = 't' ORDER BY method").fetchall()
-        assert [r[0] for r in summ] == ["adam", "adamo", "redo", "snp"] and all(r[1] == 1 and r[2] == 1 for r in summ)
-        layers = {r[0] for r in con.execute("SELECT DISTINCT layer FROM continual_task_metrics WHERE grid = 'v'").fetchall()}
-        assert {"blocks.0.attn.qkv.weight[0]", "blocks.0.attn.qkv.weight[2]", "blocks.0.mlp", "all"} <= layers
+        summ = con.execute("SELECT method, optimizer, n_ok, k_tasks, acc_first_mean, acc_last_mean, dead_end_mean "
+                           "FROM continual_summary ORDER BY method").fetchall()
+        assert [r[:4] for r in summ] == [("adam", "adam", 1, 1), ("adamo", "adamo", 1, 1)]
+        assert all(0 <= v <= 1 for r in summ for v in r[4:])
     for fig in ("continual_accuracy", "continual_dead"):
         assert (wd / f"results/figures/{fig}.png").read_bytes()[:4] == b"\x89PNG"
     # the target of this study alone: nothing left to do
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "configs/mini.yaml",
-                           "continual_runs"], cwd=wd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
-
-
-def test_run_records_a_failure_instead_of_crashing(tmp_path):
-    spec = next(iter(run_specs(validate_config(MINI)).values()))
-    spec = copy.deepcopy(spec)
-    spec["model"]["kind"] = "nonexistent"  # build_model goes to the ViT branch with a bad spec
-    spec["model"].pop("num_heads")
-    row = run_continual(spec, tmp_path, on_error="record")
-    assert row["status"] == "failed" and "KeyError" in row["error"]
+                           "--", "continual_runs"], cwd=wd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr, proc.stderr[-2000:]

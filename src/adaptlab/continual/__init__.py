@@ -15,7 +15,6 @@ Figures: ``continual_accuracy`` and ``continual_dead`` (per task, one curve per 
 """
 from __future__ import annotations
 
-import math
 import re
 
 from adaptlab.config import ConfigError, stable_json
@@ -113,17 +112,12 @@ TABLES = {
 
 
 def _plot_per_task(con, path, column: str, ylabel: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from adaptlab.aggregate import panel_axes, save_panels
 
     rows = con.execute(f"SELECT grid, benchmark, model, method, task, {column}_mean FROM continual_tasks "
                        f"ORDER BY ALL").fetchall()
     panels = sorted({r[:3] for r in rows})
-    n = max(1, len(panels))
-    cols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(5 * cols, 3.6 * math.ceil(n / cols)), squeeze=False)
+    fig, axes = panel_axes(len(panels), width=5, height=3.6)
     for ax, panel in zip(axes.flat, panels):
         for method in sorted({r[3] for r in rows if r[:3] == panel}):
             pts = [(r[4], r[5]) for r in rows if r[:3] == panel and r[3] == method]
@@ -132,13 +126,7 @@ def _plot_per_task(con, path, column: str, ylabel: str) -> None:
         ax.set_xlabel("task")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    if not panels:
-        axes.flat[0].text(0.5, 0.5, "no continual runs", ha="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, len(panels), path, "no continual runs")
 
 
 FIGURES = {
