@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from adaptlab.aggregate import aggregate
 from adaptlab.config import ConfigError, expand_runs, train_config, validate_config
 from adaptlab.continual import bench, metrics, run_specs
 from adaptlab.continual.run import run_continual
@@ -360,11 +361,14 @@ def test_run_records_a_failure_instead_of_crashing(tmp_path):
 def test_continual_pipeline_end_to_end(tmp_path):
     wd = copy_workflow(tmp_path / "wf")
     (wd / "configs/mini.yaml").write_text(yaml.safe_dump(MINI))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "configs/mini.yaml"],
-                          cwd=wd, capture_output=True, text=True, timeout=600)
+    # this study's target alone (no pretraining job), then the aggregation of its runs in-process
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "configs/mini.yaml",
+                           "--", "continual_runs"], cwd=wd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    ids = run_specs(validate_config(MINI))
+    assert not aggregate(wd / "results", list(ids))  # every run ok
     with duckdb.connect(str(wd / "results/adaptlab.duckdb"), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM run_status").fetchone()[0] == 0
+        assert {r[0] for r in con.execute("SELECT run_id FROM runs WHERE status = 'ok'").fetchall()} == set(ids)
         rows = con.execute("SELECT method, task, n_seeds, acc_mean, dead_frac_mean, ntk_cond_mean FROM continual_tasks "
                            "ORDER BY method, task").fetchall()
         assert len(rows) == 2 * 3
