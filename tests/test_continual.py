@@ -226,6 +226,12 @@ def test_bad_lambda_and_patterns_are_rejected():
         select_isometry(m.named_parameters(), patterns="layers.*")
     with pytest.raises(ValueError, match="named_parameters"):
         build_optimizer(m.parameters(), train_config({"optimizer": "adamo"}))
+    # an iso step that cannot be stable is announced
+    w = nn.Parameter(torch.full((4, 4), 3.0))
+    opt = AdamO([w], lr=1.0, isometry_lambda=1.0)
+    w.grad = torch.zeros_like(w)
+    with pytest.warns(RuntimeWarning, match="unstable"):
+        opt.step()
 
 
 def test_unit_and_spectral_metrics_on_constructed_networks():

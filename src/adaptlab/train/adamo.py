@@ -21,8 +21,9 @@ Conventions chosen here (the paper's are unknown; each is a knob):
 - ∇R is evaluated at θ_t, before the Adam update (like AdamW's decay); the port applies it after
   ``optimizer.step()`` on the updated weights, an O(η²) difference.
 - The iso term is not preconditioned, has no momentum and never enters ``exp_avg``/``exp_avg_sq``.
-- The Gram is computed in float32 even for low-precision parameters. No clipping: the step is stable
-  while 4η_isoλ(3σ_max² − s) < 1; beyond that a run diverges and the training loop records it.
+- The Gram is computed in at least float32. No clipping: the step is stable while 4η_isoλ(3σ_max² − s) < 1;
+  a warning is issued once when a cheap lower bound of σ_max² shows it is not (the run then diverges and the
+  training loop records it).
 
 Which tensors are regularised is decided by name (``isometry_param_groups``): ≥2-D weights matching the
 ``patterns`` and none of the ``exclude`` patterns (by default embeddings, heads, norms). Fused matrices
@@ -216,5 +217,21 @@ class AdamO(torch.optim.Optimizer):
                 denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(group["eps"])
                 p.addcdiv_(exp_avg, denom, value=-step_size)
                 if iso is not None:
+                    self._check_stability(p, eta_iso * lam, group["isometry_scale"])
                     p.add_(iso.to(p.dtype), alpha=-eta_iso * lam)
         return loss
+
+    def _check_stability(self, p: torch.Tensor, coeff: float, scale: float) -> None:
+        """Warn once when the iso step is certainly unstable: 4·coeff·(3σ_max² − s) ≥ 1, with σ_max² bounded
+        below by the largest squared row/column norm of W (a cheap bound, no SVD)."""
+        if getattr(self, "_warned", False):
+            return
+        m = _as_matrix(p.detach()).float()
+        dim = 0 if m.shape[0] >= m.shape[1] else 1  # column norms for tall W (diag of WᵀW), row norms for wide
+        sigma2 = m.pow(2).sum(dim=dim).max().item()
+        if 4 * coeff * (3 * sigma2 - scale) >= 1:
+            import warnings
+
+            warnings.warn(f"AdamO: η_iso·λ = {coeff:g} is too large for a matrix with σ_max² ≥ {sigma2:.3g}: the "
+                          f"isometry step is unstable (needs 4·η_iso·λ·(3σ_max² − s) < 1)", RuntimeWarning, stacklevel=3)
+            self._warned = True
