@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch.func import functional_call, jacrev, vmap
@@ -79,7 +80,9 @@ def entk_condition(model, x: torch.Tensor) -> float:
     def f(p, xi):
         return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
 
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)  # {name: (n, C, *shape)}
+    with warnings.catch_warnings():  # torch has no vmap rule for CPU flash attention: slower, still exact
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)  # {name: (n, C, *shape)}
     model.train(was)
     j = torch.cat([v.reshape(v.shape[0] * v.shape[1], -1) for v in jac.values()], dim=1).double()
     eig = torch.linalg.eigvalsh(j @ j.T).clamp_min(1e-12)
