@@ -19,6 +19,7 @@ include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/plasticity.smk"
+include: "rules/continual.smk"
 include: "rules/aggregate.smk"
 
 

@@ -39,7 +39,7 @@ def _finetuned(tiny_data, tiny_pretrained, tmp_path, patterns, optimizer, **trai
     return model, names, before, result
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adamo"])
 @pytest.mark.parametrize("patterns", [(), ("blocks.*.attn.*",)])
 def test_frozen_weights_stay_bit_identical(tiny_data, tiny_pretrained, tmp_path, optimizer, patterns):
     # weight decay and momentum would move frozen tensors if they ever entered the optimizer
@@ -149,7 +149,7 @@ run_finetune(make_run(optimizer={opt!r}, lr=0.003), TINY_MODEL, {pre!r}, {data!r
 """
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw", "adamo"])
 def test_killed_run_resumes_to_the_same_summary(tiny_data, tiny_pretrained, tmp_path, optimizer):
     tests_dir = str(__import__("pathlib").Path(__file__).parent)
     killed = tmp_path / "killed"

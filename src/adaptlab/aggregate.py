@@ -49,11 +49,6 @@ TABLES: dict[str, str | Callable] = {
 
 def plot_learning_curves(con: duckdb.DuckDBPyConnection, path: Path) -> None:
     """Validation accuracy over steps per dataset, one curve per (trainable, optimizer) at its best lr."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = con.execute("""
         SELECT r.dataset, r.grid, r.trainable || ' / ' || r.optimizer || ' lr=' || r.lr AS arm, s.step,
                avg(s.val_acc) AS val_acc
@@ -63,9 +58,7 @@ def plot_learning_curves(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         WHERE s.val_acc IS NOT NULL AND r.status = 'ok'
         GROUP BY ALL ORDER BY 1, 2, 3, 4""").fetchall()
     panels = sorted({(r[0], r[1]) for r in rows})
-    n = max(1, len(panels))
-    cols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.5 * cols, 3.4 * math.ceil(n / cols)), squeeze=False)
+    fig, axes = panel_axes(len(panels))
     for ax, (ds, grid) in zip(axes.flat, panels):
         arms = sorted({r[2] for r in rows if r[0] == ds and r[1] == grid})
         for arm in arms:
@@ -75,10 +68,30 @@ def plot_learning_curves(con: duckdb.DuckDBPyConnection, path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("val accuracy")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    save_panels(fig, axes, len(panels), path, "no finished runs")
+
+
+def panel_axes(n_panels: int, width: float = 4.5, height: float = 3.4):
+    """A figure with one axis per panel, three to a row (at least one axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, n_panels)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    return plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+
+
+def save_panels(fig, axes, n_panels: int, path: Path, empty_text: str) -> None:
+    """Hide the unused axes (say ``empty_text`` when there is no panel at all), save as PNG, close."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[n_panels:]:
         ax.axis("off")
-    if not panels:
-        axes.flat[0].text(0.5, 0.5, "no finished runs", ha="center")
+    if not n_panels:
+        axes.flat[0].text(0.5, 0.5, empty_text, ha="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,6 +33,12 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "betas": [0.9, 0.999],
     "eps": 1e-8,
+    # AdamO (adaptlab.train.adamo): decoupled isometry step on the matrices selected by name
+    "isometry_lambda": 0.01,
+    "isometry_scale": 1.0,
+    "isometry_lr_scale": 1.0,
+    "isometry_patterns": ["*"],
+    "isometry_exclude": ["head*", "*embed*", "*norm*", "*cls_token*", "*pos_embed*", "*reg_token*"],
     "warmup_steps": 0.1,
     "min_lr_factor": 0.0,
     "clip_grad": 1.0,
@@ -242,6 +248,15 @@ def train_config(*layers: dict | None) -> dict:
     return out
 
 
+def run_train_config(*layers: dict | None) -> dict:
+    """``train_config`` without AdamO's keys unless the optimizer is adamo: a run's params (its rerun trigger) hold
+    only what it uses, so adding an optimizer's defaults never reruns the other runs."""
+    out = train_config(*layers)
+    if out["optimizer"] != "adamo":
+        out = {k: v for k, v in out.items() if not k.startswith("isometry_")}
+    return out
+
+
 def expand_runs(cfg: dict) -> list[RunSpec]:
     """Expand every grid in ``finetune.grids`` into its runs (datasets × trainable × optimizer × lr × seed)."""
     runs: list[RunSpec] = []
@@ -252,7 +267,7 @@ def expand_runs(cfg: dict) -> list[RunSpec]:
                 for opt in grid["optimizers"]:
                     for lr in grid["lrs"]:
                         for seed in grid["seeds"]:
-                            train = train_config(ft.get("defaults"), grid.get("train"),
+                            train = run_train_config(ft.get("defaults"), grid.get("train"),
                                                  {"lr": float(lr), "optimizer": opt})
                             runs.append(RunSpec(
                                 grid=name, study=grid["study"], dataset=ds, trainable=trainable, optimizer=opt,
@@ -274,7 +289,7 @@ def pretrain_spec(cfg: dict, backbone: str = DEFAULT_BACKBONE) -> dict:
         "weights": pre.get("weights"),
         "seed": pre["seed"],
         "model": spec["model"],
-        "train": train_config(pre.get("train")),
+        "train": run_train_config(pre.get("train")),
     }
 
 

@@ -54,19 +54,27 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device: torch.device,
-        config_id: str, on_step: Callable[[int], None] | None = None) -> FitResult:
+        config_id: str, on_step: Callable[[int], None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None) -> FitResult:
     """Train ``model`` on ``task`` with the hyperparameters ``cfg`` (see config.TRAIN_DEFAULTS).
 
     ``config_id`` identifies the run's full configuration: a checkpoint written under another id is ignored,
-    so a changed config never resumes a stale run.
+    so a changed config never resumes a stale run. ``optimizer``: an existing optimizer to go on with (its
+    moments carry over, e.g. across the tasks of a continual run); its groups' ``initial_lr`` (set on first
+    use) is the base lr the schedule scales. Default: a fresh one from ``cfg``.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, best_path = run_dir / CKPT_NAME, run_dir / BEST_NAME
     model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg)
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    if optimizer is None:
+        opt = build_optimizer(named, cfg)
+        base_lrs = [g["lr"] for g in opt.param_groups]
+    else:
+        opt = optimizer
+        base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
     sel = task.selection_metric
 
     log: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "grad_norm": []}

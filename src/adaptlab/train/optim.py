@@ -1,8 +1,9 @@
 """Optimizers and the learning-rate schedule of the shared training loop.
 
-Optimizers are a name → factory registry, so a study adds its own (e.g. AdamO) with one entry. Only the
-parameters that train are handed to the optimizer: frozen ones never enter it, so neither weight decay nor
-momentum can move them.
+Optimizers are a name → factory registry, so a study adds its own with one entry. Only the parameters that
+train are handed to the optimizer: frozen ones never enter it, so neither weight decay nor momentum can move
+them. A factory registered with ``named=True`` (AdamO, which selects its regularised matrices by name)
+receives ``(name, parameter)`` pairs; ``build_optimizer`` accepts either plain parameters or such pairs.
 """
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from typing import Callable, Iterable
 
 import torch
 
-OPTIMIZERS: dict[str, Callable[[list[torch.nn.Parameter], dict], torch.optim.Optimizer]] = {}
+OPTIMIZERS: dict[str, Callable[[list, dict], torch.optim.Optimizer]] = {}
+NAMED_OPTIMIZERS: set[str] = set()  # factories that take (name, parameter) pairs
 
 
-def register_optimizer(name: str):
+def register_optimizer(name: str, named: bool = False):
     def deco(fn):
         OPTIMIZERS[name] = fn
+        if named:
+            NAMED_OPTIMIZERS.add(name)
         return fn
     return deco
 
@@ -33,14 +37,38 @@ def _adamw(params, cfg):
                              weight_decay=cfg["weight_decay"])
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: dict) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if not params:
+@register_optimizer("adam")
+def _adam(params, cfg):
+    # weight_decay here is the coupled L2 penalty (it goes through the moments), unlike AdamW's
+    return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                            weight_decay=cfg["weight_decay"])
+
+
+@register_optimizer("adamo", named=True)
+def _adamo(named_params, cfg):
+    from adaptlab.train.adamo import AdamO, isometry_param_groups
+
+    groups = isometry_param_groups(named_params, cfg["isometry_lambda"], cfg["isometry_patterns"],
+                                   cfg["isometry_exclude"])
+    return AdamO(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                 isometry_scale=cfg["isometry_scale"], isometry_lr_scale=cfg["isometry_lr_scale"])
+
+
+def build_optimizer(params: Iterable, cfg: dict) -> torch.optim.Optimizer:
+    """The optimizer ``cfg["optimizer"]`` over ``params``: parameters or (name, parameter) pairs."""
+    items = list(params)
+    named = bool(items) and isinstance(items[0], tuple)
+    items = [it for it in items if (it[1] if named else it).requires_grad]
+    if not items:
         raise ValueError("no trainable parameters: the trainable set selects nothing")
     name = cfg["optimizer"]
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer: unknown {name!r} (registered: {sorted(OPTIMIZERS)})")
-    return OPTIMIZERS[name](params, cfg)
+    if name in NAMED_OPTIMIZERS:
+        if not named:
+            raise ValueError(f"optimizer {name!r} selects parameters by name: pass model.named_parameters()")
+        return OPTIMIZERS[name](items, cfg)
+    return OPTIMIZERS[name]([it[1] for it in items] if named else items, cfg)
 
 
 def warmup_steps(cfg: dict) -> int:

@@ -1,0 +1,152 @@
+"""One continual run: a model trained through a task sequence, one ``fit`` call per task.
+
+The shared loop runs each task: the task object (``bench.ContinualTask``) supplies the batches, loss and
+evaluation; the optimizer is built once and handed to every ``fit`` call (``optimizer=``), so Adam's moments
+and step count carry across task boundaries as in a single long run. Per-task fit settings: constant lr
+(no warmup, ``min_lr_factor`` 1), no gradient clipping, one evaluation at the task's last step (so restoring
+the "best" weights at the end of fit is a no-op), no mid-task checkpoints: a killed continual run restarts
+from task 0 (runs are ~10 s to a minute).
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from adaptlab import records
+from adaptlab.config import config_hash, train_config
+from adaptlab.continual import bench, metrics
+from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
+from adaptlab.runner import summary_row
+from adaptlab.train.device import set_threads
+from adaptlab.train.loop import BEST_NAME, FitResult, fit
+from adaptlab.train.optim import build_optimizer
+
+
+def fit_config(spec: dict) -> dict:
+    g, m = spec["grid_cfg"], spec["method"]
+    return train_config({
+        "steps": g["steps"], "batch_size": g["batch_size"], "lr": m["lr"] or g["lr"], "optimizer": m["optimizer"],
+        "weight_decay": m["weight_decay"], "isometry_lambda": m["isometry_lambda"],
+        "isometry_scale": m["isometry_scale"], "warmup_steps": 0, "min_lr_factor": 1.0, "clip_grad": None,
+        "eval_every": g["steps"], "ckpt_every": 0,
+    })
+
+
+def measure(model, opt_cfg: dict, x_probe: torch.Tensor, x_ntk: torch.Tensor | None, taus) -> tuple[list, dict]:
+    """[(layer, metric, value)] at the end of a task, and the dormant masks per layer (for ReDo)."""
+    rows, masks = [], {}
+    units = metrics.unit_activity(model, x_probe, taus)
+    for layer, vals in units.items():
+        for key, val in vals.items():
+            if key.startswith("mask_"):
+                masks.setdefault(key[5:], {})[layer] = val
+            else:
+                rows.append((layer, key, val))
+    for key in ["dead"] + [f"dormant_{t:g}" for t in taus]:
+        rows.append(("all", key, sum(v[key] for v in units.values()) / len(units)))
+    from adaptlab.train.adamo import select_isometry
+
+    chosen = select_isometry(model.named_parameters(), opt_cfg["isometry_patterns"], opt_cfg["isometry_exclude"])
+    sv_all: dict[str, list[float]] = {}
+    params = dict(model.named_parameters())
+    for name, split in chosen.items():
+        for k, block in enumerate(params[name].detach().chunk(split, 0)):
+            layer = name if split == 1 else f"{name}[{k}]"
+            for key, val in metrics.sv_stats(block, opt_cfg["isometry_scale"]).items():
+                rows.append((layer, key, val))
+                sv_all.setdefault(key, []).append(val)
+    for key, vals in sv_all.items():
+        rows.append(("all", key, sum(vals) / len(vals)))
+    rows.append(("all", "weight_norm", torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters())).item()))
+    with torch.no_grad():
+        feats = model.features(x_probe)
+    rows += [("all", k, v) for k, v in metrics.feature_rank(feats).items()]
+    if x_ntk is not None:
+        rows.append(("all", "ntk_cond", metrics.entk_condition(model, x_ntk)))
+    return rows, masks
+
+
+def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error: str = "record") -> dict:
+    """Train through the task sequence of ``spec`` (a run's params); write summary and task-metric Parquet."""
+    set_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    g, method = spec["grid_cfg"], spec["method"]
+    cfg = fit_config(spec)
+    dev = torch.device("cpu")  # tiny models: the CPU is faster than a GPU launch per op
+    identity = {"run_id": spec["run_id"], "kind": "continual", "study": "continual", "grid": spec["grid"],
+                "backbone": spec["model_name"], "dataset": spec["benchmark_name"], "seed": spec["seed"],
+                "lr": cfg["lr"], "optimizer": cfg["optimizer"], "trainable": "full"}
+    taus = (0.0, 0.025, 0.1)
+    table_rows: list[dict] = []
+    accs, dead, log = [], [], {"step": [], "loss": [], "lr": [], "grad_norm": []}
+    model, status, error, last = None, "ok", None, None
+    try:
+        seed = spec["seed"]
+        x, _, side = bench.load_inputs(spec["benchmark"], seed)
+        classes = g["classes"] if spec["benchmark"]["labels"] == "random" else 10
+        torch.manual_seed(seed)
+        model = bench.build_model(spec["model"], x.shape[1], side, classes)
+        opt = build_optimizer(list(model.named_parameters()), cfg)
+        reg = bench.make_regulariser(method, model, cfg["isometry_patterns"], cfg["isometry_exclude"])
+        fit_dir = out_dir / "fit"
+        masks = {}
+        for t, (y, perm) in enumerate(bench.task_sequence(spec["benchmark"], seed, g["tasks"], classes)):
+            if t > 0 and (method["shrink"] is not None or method["redo_tau"] is not None):
+                torch.manual_seed(seed * 1_000 + t)
+                fresh = bench.build_model(spec["model"], x.shape[1], side, classes)
+                if method["shrink"] is not None:
+                    bench.shrink_perturb(model, fresh, method["shrink"], method["perturb"])
+                if method["redo_tau"] is not None:
+                    bench.redo_reset(model, fresh, opt, masks.get(f"{method['redo_tau']:g}", {}))
+            task = bench.ContinualTask(x, y, perm, seed, t, side, reg)
+            last = fit(model, task, cfg, fit_dir, device=dev, config_id=config_hash([spec, t]), optimizer=opt)
+            n_before, n_new = len(log["step"]), len(last.log["step"])
+            for key in set(log) | set(last.log):  # val_* columns exist only in some logs: pad with NaN
+                vals = last.log.get(key, [math.nan] * n_new)
+                log.setdefault(key, [math.nan] * n_before).extend(
+                    [v + t * g["steps"] for v in vals] if key == "step" else vals)
+            if last.status != "ok":
+                status = last.status
+                break
+            probe = task.x[: g["probe"]]
+            do_ntk = g["ntk_every"] and (t % g["ntk_every"] == 0 or t == g["tasks"] - 1)
+            taus_run = taus if method["redo_tau"] is None else tuple(sorted(set(taus) | {method["redo_tau"]}))
+            rows, masks = measure(model, cfg, probe, task.x[: g["ntk_probe"]] if do_ntk else None, taus_run)
+            rows += [("all", "acc", last.best_val["acc"]), ("all", "loss", last.best_val["loss"]),
+                     ("all", "online_acc", sum(task.online) / len(task.online))]
+            accs.append(last.best_val["acc"])
+            dead.append(next(v for l, k, v in rows if l == "all" and k == "dead"))
+            table_rows += [{"run_id": spec["run_id"], "grid": spec["grid"], "benchmark": spec["benchmark_name"],
+                            "model": spec["model_name"], "method": spec["method_name"], "seed": seed, "task": t,
+                            "layer": layer, "metric": key, "value": float(val)} for layer, key, val in rows]
+        (fit_dir / BEST_NAME).unlink(missing_ok=True)
+    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+        if on_error == "raise":
+            raise
+        status, error = "failed", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+    k = g["summary_tasks"]
+    wall = time.perf_counter() - t0
+    steps_done = len(log["step"])
+    result = None
+    if last is not None:
+        result = FitResult(status=status, steps_done=steps_done, best_step=None, best_val=last.best_val,
+                           test=last.test, final_loss=last.final_loss, log=log, elapsed_seconds=wall,
+                           steps_this_process=steps_done, seconds_this_process=wall)
+    row = summary_row(identity, {**cfg, "steps": g["steps"] * g["tasks"]}, model, result, dev, spec, wall,
+                      status=status, error=error)
+    row.update(method=spec["method_name"], n_tasks=len(accs), summary_tasks=k,
+               acc_first=sum(accs[:k]) / len(accs[:k]) if accs else None,
+               acc_last=sum(accs[-k:]) / len(accs[-k:]) if len(accs) == g["tasks"] else None,
+               dead_frac_end=dead[-1] if len(accs) == g["tasks"] else None)
+    records.write_steps(out_dir / "steps.parquet", spec["run_id"], log)
+    pq.write_table(pa.Table.from_pylist(table_rows, schema=RAW_SCHEMA), out_dir / "continual_task_metrics.parquet")
+    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
+    return row

@@ -1,0 +1,237 @@
+"""AdamO: Adam with a decoupled isometry step (Rosseau, Müller, Nowé, ICML 2026, arXiv 2606.09762).
+
+Hand-written: no maintained library ships AdamO (the paper's JAX code is not public; the first author's
+PyTorch port Arosseau/nanochat-isometry is a training script, not a package). Written from the equations
+in ``shared/papers/adamo.md`` §1:
+
+    g_t = ∇ℓ_task(θ_t)                                  # the task gradient only
+    m, v = Adam moments of g_t (bias-corrected as in torch.optim.Adam)
+    θ_{t+1} = θ_t − η·m̂/(√v̂+ε) − η_iso·λ·∇R(θ_t)       # R summed over the regularised matrices
+
+with the isometry penalty on the smaller Gram (the *shape rule*): R(W) = ‖WᵀW − sI‖²_F for tall or square W
+(out ≥ in) and ‖WWᵀ − sI‖²_F for wide W. ∇R = 4W(WᵀW − sI) resp. 4(WWᵀ − sI)W = 4UΣ(Σ² − s)Vᵀ, so one
+step maps each singular value σ ↦ σ − 4η_isoλσ(σ² − s) and keeps the singular vectors.
+
+Conventions chosen here (the paper's are unknown; each is a knob):
+- R has no ½ factor (gradient factor 4), as in the zij page; the port's ½ is absorbed into λ.
+- target scale ``isometry_scale`` s = 1 (s = 2 is the port's "ReLU gain" option); no normalisation by the
+  Gram size.
+- η_iso = ``isometry_lr_scale`` × the group's *current* lr, so lr schedulers scale the iso step too;
+  ``isometry_lr`` (a number) overrides it.
+- ∇R is evaluated at θ_t, before the Adam update (like AdamW's decay); the port applies it after
+  ``optimizer.step()`` on the updated weights, an O(η²) difference.
+- The iso term is not preconditioned, has no momentum and never enters ``exp_avg``/``exp_avg_sq``.
+- The Gram is computed in at least float32. No clipping: the step is stable while 4η_isoλ(3σ_max² − s) < 1;
+  a warning is issued once when a cheap lower bound of σ_max² shows it is not (the run then diverges and the
+  training loop records it).
+
+Which tensors are regularised is decided by name (``isometry_param_groups``): ≥2-D weights matching the
+``patterns`` and none of the ``exclude`` patterns (by default embeddings, heads, norms). Fused matrices
+(timm's ``attn.qkv.weight``) are split into their ``n`` row blocks first (group key ``isometry_split``);
+conv kernels are reshaped to (C_out, −1). With λ = 0 (or no regularised tensor) the step is exactly
+``torch.optim.Adam(foreach=False)``, bit for bit: the Adam part mirrors its op order.
+
+The coupled variant (λR added to the loss, so its gradient goes through the Adam moments) is the function
+``isometry_penalty`` summed by ``coupled_isometry_loss``; use it with any optimizer.
+"""
+from __future__ import annotations
+
+import math
+from fnmatch import fnmatchcase
+from typing import Iterable
+
+import torch
+
+# Default selection: every ≥2-D weight except embeddings, heads and norms (1-D tensors are never regularised).
+DEFAULT_PATTERNS: tuple[str, ...] = ("*",)
+DEFAULT_EXCLUDE: tuple[str, ...] = ("head*", "*embed*", "*norm*", "*cls_token*", "*pos_embed*", "*reg_token*")
+DEFAULT_SPLITS: dict[str, int] = {"*qkv.weight": 3}  # fused q, k, v projections
+
+
+def _as_matrix(w: torch.Tensor) -> torch.Tensor:
+    """2-D view (C_out, −1) of a weight; conv kernels are flattened over (C_in, k_h, k_w)."""
+    return w.reshape(w.shape[0], -1)
+
+
+def isometry_grad(w: torch.Tensor, scale: float = 1.0, split: int = 1) -> torch.Tensor:
+    """∇R(W) in at least float32, same shape as ``w``; ``split`` > 1 treats ``w`` as that many stacked row blocks."""
+    out_shape = w.shape
+    w32 = _as_matrix(w.detach())
+    if w32.dtype in (torch.float16, torch.bfloat16):  # the Gram in at least float32
+        w32 = w32.float()
+    blocks = w32.chunk(split, dim=0) if split > 1 else (w32,)
+    grads = []
+    for m in blocks:
+        rows, cols = m.shape
+        if rows >= cols:  # tall or square: Gram WᵀW (cols × cols)
+            gram = m.T @ m
+            gram.diagonal().sub_(scale)
+            grads.append(4.0 * (m @ gram))
+        else:  # wide: Gram WWᵀ (rows × rows)
+            gram = m @ m.T
+            gram.diagonal().sub_(scale)
+            grads.append(4.0 * (gram @ m))
+    g = torch.cat(grads, dim=0) if split > 1 else grads[0]
+    return g.reshape(out_shape)
+
+
+def isometry_penalty(w: torch.Tensor, scale: float = 1.0, split: int = 1) -> torch.Tensor:
+    """R(W) = Σ_blocks ‖G − sI‖²_F on the smaller Gram of each block; differentiable (the coupled variant)."""
+    m = _as_matrix(w)
+    m = m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
+    total = m.new_zeros(())
+    for b in (m.chunk(split, dim=0) if split > 1 else (m,)):
+        gram = b.T @ b if b.shape[0] >= b.shape[1] else b @ b.T
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        total = total + ((gram - scale * eye) ** 2).sum()
+    return total
+
+
+def gram_deviation(w: torch.Tensor, scale: float = 1.0) -> float:
+    """‖G − sI‖_F / sqrt(gram_dim) on the smaller Gram (the port's per-layer isometry statistic)."""
+    m = _as_matrix(w.detach()).float()
+    dim = min(m.shape)
+    return math.sqrt(isometry_penalty(m, scale).item() / dim)
+
+
+def _check_lambda(lam, where: str) -> float:
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"{where}: isometry_lambda must be a finite number >= 0, got {lam!r}")
+    return float(lam)
+
+
+def _check_patterns(patterns, key: str) -> tuple[str, ...]:
+    if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+        raise ValueError(f"{key}: expected a list of non-empty fnmatch patterns, got {patterns!r}")
+    return tuple(patterns)
+
+
+def select_isometry(named_params: Iterable[tuple[str, torch.nn.Parameter]], patterns=DEFAULT_PATTERNS,
+                    exclude=DEFAULT_EXCLUDE, splits: dict[str, int] | None = None) -> dict[str, int]:
+    """{name: split} of the regularised tensors: ≥2-D, matching ``patterns`` and no ``exclude`` pattern.
+
+    A pattern (in ``patterns``) that matches no parameter name is an error: a typo must not silently turn
+    AdamO into Adam.
+    """
+    patterns = _check_patterns(patterns, "isometry_patterns")
+    exclude = _check_patterns(exclude, "isometry_exclude")
+    splits = DEFAULT_SPLITS if splits is None else splits
+    named = list(named_params)
+    unmatched = [pat for pat in patterns if not any(fnmatchcase(n, pat) for n, _ in named)]
+    if unmatched:
+        raise ValueError(f"isometry_patterns: {unmatched} match no parameter (names look like {[n for n, _ in named[:4]]})")
+    out = {}
+    for name, p in named:
+        if p.ndim < 2 or not any(fnmatchcase(name, pat) for pat in patterns):
+            continue
+        if any(fnmatchcase(name, pat) for pat in exclude):
+            continue
+        split = next((k for pat, k in splits.items() if fnmatchcase(name, pat)), 1)
+        if p.shape[0] % split:
+            raise ValueError(f"isometry split: {name} has {p.shape[0]} rows, not divisible into {split} blocks")
+        out[name] = split
+    return out
+
+
+def isometry_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], isometry_lambda: float,
+                          patterns=DEFAULT_PATTERNS, exclude=DEFAULT_EXCLUDE,
+                          splits: dict[str, int] | None = None) -> list[dict]:
+    """Param groups for ``AdamO``: one per split size of the regularised tensors, then the rest with λ = 0."""
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    lam = _check_lambda(isometry_lambda, "isometry_param_groups")
+    chosen = select_isometry(named, patterns, exclude, splits)
+    groups: dict[int, list] = {}
+    for name, p in named:
+        if name in chosen:
+            groups.setdefault(chosen[name], []).append(p)
+    out = [{"params": ps, "isometry_lambda": lam, "isometry_split": k} for k, ps in sorted(groups.items())]
+    rest = [p for n, p in named if n not in chosen]
+    if rest:
+        out.append({"params": rest, "isometry_lambda": 0.0, "isometry_split": 1})
+    return out
+
+
+def coupled_isometry_loss(named_params: Iterable[tuple[str, torch.nn.Parameter]], isometry_lambda: float,
+                          scale: float = 1.0, patterns=DEFAULT_PATTERNS, exclude=DEFAULT_EXCLUDE,
+                          splits: dict[str, int] | None = None) -> torch.Tensor:
+    """λ·Σ R(W) over the selected tensors: add it to the task loss for the coupled ("plain") variant."""
+    named = list(named_params)
+    lam = _check_lambda(isometry_lambda, "coupled_isometry_loss")
+    chosen = select_isometry(named, patterns, exclude, splits)
+    terms = [isometry_penalty(p, scale, chosen[n]) for n, p in named if n in chosen]
+    return lam * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+class AdamO(torch.optim.Optimizer):
+    """Adam + decoupled isometry step. Group keys: lr, betas, eps, isometry_lambda, isometry_scale,
+    isometry_split (row blocks of a fused matrix), isometry_lr (None = follow ``isometry_lr_scale`` × lr)."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, isometry_lambda: float = 1e-2,
+                 isometry_scale: float = 1.0, isometry_split: int = 1, isometry_lr: float | None = None,
+                 isometry_lr_scale: float = 1.0):
+        if not lr > 0:
+            raise ValueError(f"AdamO: lr must be > 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"AdamO: betas must lie in [0, 1), got {betas}")
+        if not isometry_scale > 0:
+            raise ValueError(f"AdamO: isometry_scale must be > 0, got {isometry_scale}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, isometry_lambda=_check_lambda(isometry_lambda, "AdamO"),
+                        isometry_scale=float(isometry_scale), isometry_split=int(isometry_split),
+                        isometry_lr=isometry_lr, isometry_lr_scale=float(isometry_lr_scale))
+        super().__init__(params, defaults)
+        for i, g in enumerate(self.param_groups):  # per-group values are checked too
+            _check_lambda(g["isometry_lambda"], f"AdamO param group {i}")
+            if g["isometry_split"] < 1:
+                raise ValueError(f"AdamO param group {i}: isometry_split must be >= 1")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, lam = group["lr"], group["isometry_lambda"]
+            eta_iso = group["isometry_lr"] if group["isometry_lr"] is not None else group["isometry_lr_scale"] * lr
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                # r_t at θ_t, before the Adam update; never mixed into the moments
+                iso = isometry_grad(p, group["isometry_scale"], group["isometry_split"]) if lam and p.ndim >= 2 else None
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                # The Adam part mirrors torch.optim.adam._single_tensor_adam's op order (bit-exact parity).
+                step_t += 1
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = step_t.item()
+                bias_correction1 = 1 - beta1 ** step
+                bias_correction2 = 1 - beta2 ** step
+                step_size = lr / bias_correction1
+                denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(group["eps"])
+                p.addcdiv_(exp_avg, denom, value=-step_size)
+                if iso is not None:
+                    self._check_stability(p, eta_iso * lam, group["isometry_scale"])
+                    p.add_(iso.to(p.dtype), alpha=-eta_iso * lam)
+        return loss
+
+    def _check_stability(self, p: torch.Tensor, coeff: float, scale: float) -> None:
+        """Warn once when the iso step is certainly unstable: 4·coeff·(3σ_max² − s) ≥ 1, with σ_max² bounded
+        below by the largest squared row/column norm of W (a cheap bound, no SVD)."""
+        if getattr(self, "_warned", False):
+            return
+        m = _as_matrix(p.detach()).float()
+        dim = 0 if m.shape[0] >= m.shape[1] else 1  # column norms for tall W (diag of WᵀW), row norms for wide
+        sigma2 = m.pow(2).sum(dim=dim).max().item()
+        if 4 * coeff * (3 * sigma2 - scale) >= 1:
+            import warnings
+
+            warnings.warn(f"AdamO: η_iso·λ = {coeff:g} is too large for a matrix with σ_max² ≥ {sigma2:.3g}: the "
+                          f"isometry step is unstable (needs 4·η_iso·λ·(3σ_max² − s) < 1)", RuntimeWarning, stacklevel=3)
+            self._warned = True
