@@ -45,9 +45,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 # Defaults of the default backbone. They live here, not in the schema, because `backbones.<name>` reuse the
 # same schema as overrides, where a filled-in default would silently replace the base value.
+# `model.attention`: the attention layer of the backbone (adaptlab.models.vit.attention_layer).
+ATTENTION_DEFAULTS: dict[str, Any] = {"kind": "timm", "form": "col", "eps": 1e-6, "detach": False}
 MODEL_DEFAULTS: dict[str, Any] = {
     "timm_name": None, "img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4,
-    "mlp_ratio": 4.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    "mlp_ratio": 4.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "attention": ATTENTION_DEFAULTS,
 }
 PRETRAIN_DEFAULTS: dict[str, Any] = {"init": "scratch", "weights": None, "seed": 0}
 
@@ -102,7 +104,8 @@ def validate_config(config: dict, source: str = "config") -> dict:
             err = jsonschema.exceptions.best_match([err]) or err
             lines.append(f"  {_key_path(err.absolute_path)}: {err.message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
-    cfg["model"] = {**MODEL_DEFAULTS, **cfg["model"]}
+    cfg["model"] = {**copy.deepcopy(MODEL_DEFAULTS), **cfg["model"]}
+    cfg["model"]["attention"] = {**ATTENTION_DEFAULTS, **cfg["model"]["attention"]}
     cfg["pretrain"] = {**PRETRAIN_DEFAULTS, **cfg["pretrain"]}
     _check_references(cfg, source)
     return cfg
