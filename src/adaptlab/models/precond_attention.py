@@ -49,10 +49,14 @@ def head_outputs(attn: Attention, x: torch.Tensor, attn_mask: Optional[torch.Ten
     return attn.attn_drop(scores.softmax(dim=-1)) @ v
 
 
+def _norm_dtype(o: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(o.dtype, torch.float32)  # bf16/fp16 norms overflow or lose digits; keep float64
+
+
 def conditioner(o: torch.Tensor, form: str = "col", eps: float = 1e-6) -> torch.Tensor:
-    """The diagonal of C for head outputs ``o`` (..., N, d_h), in float32: shape (..., 1, d_h) for ``col``,
-    (..., N, 1) for ``row``. Positive and finite for any finite ``o`` (eps guards all-zero channels/tokens)."""
-    o32 = o.float()
+    """The diagonal of C for head outputs ``o`` (..., N, d_h), in float32 or wider: shape (..., 1, d_h) for
+    ``col``, (..., N, 1) for ``row``. Positive and finite for any finite ``o`` (eps guards all-zero channels/tokens)."""
+    o32 = o.to(_norm_dtype(o))
     if form == "col":
         return o.shape[-2] ** 0.5 / (torch.linalg.vector_norm(o32, dim=-2, keepdim=True) + eps)
     if form == "row":
@@ -65,7 +69,7 @@ def precondition(o: torch.Tensor, form: str = "col", eps: float = 1e-6, detach: 
     c = conditioner(o, form, eps)
     if detach:
         c = c.detach()
-    return (o.float() * c).to(o.dtype)
+    return (o.to(c.dtype) * c).to(o.dtype)
 
 
 class PreconditionedAttention(Attention):
