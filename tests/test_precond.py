@@ -309,8 +309,8 @@ def test_snakemake_plans_the_study(tmp_path):
     wd = copy_workflow(tmp_path)
     cfg = _base_config(precond={"finetune": {"dataset": "tgt"}, "seeds": [0]})
     (wd / "c.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "c.yaml",
-                           "precond_runs"], cwd=wd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "precond_runs", "-n", "--cores", "1", "--configfile",
+                           "c.yaml"], cwd=wd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert out.count("rule precond_train:") == 8 and "rule precond_timing:" in out
