@@ -13,15 +13,14 @@ if not workflow.overwrite_configfiles:
 
     configfile: "config.yaml"
 
-
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
 include: "rules/plasticity.smk"
 include: "rules/continual.smk"
+include: "rules/precond.smk"
 include: "rules/aggregate.smk"
-
 
 rule all:
     default_target: True

@@ -11,11 +11,11 @@ PLASTICITY_RUN_IDS = plasticity.run_ids(CFG)
 
 
 def plasticity_spec(wc):
-    from adaptlab.config import backbone_spec
+    from adaptlab.config import backbone_spec, run_model_config
 
     return stable_json({**CFG["plasticity"], "backbone": wc.backbone, "dataset": wc.dataset,
                         "source": plasticity.source_dataset(CFG, wc.backbone),
-                        "model": backbone_spec(CFG, wc.backbone)["model"]})
+                        "model": run_model_config(backbone_spec(CFG, wc.backbone)["model"])})
 
 
 rule plasticity_analysis:

@@ -51,9 +51,11 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 
 # Defaults of the default backbone. They live here, not in the schema, because `backbones.<name>` reuse the
 # same schema as overrides, where a filled-in default would silently replace the base value.
+# `model.attention`: the attention layer of the backbone (adaptlab.models.vit.attention_layer).
+ATTENTION_DEFAULTS: dict[str, Any] = {"kind": "timm", "form": "col", "eps": 1e-6, "detach": False}
 MODEL_DEFAULTS: dict[str, Any] = {
     "timm_name": None, "img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4,
-    "mlp_ratio": 4.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+    "mlp_ratio": 4.0, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "attention": ATTENTION_DEFAULTS,
 }
 PRETRAIN_DEFAULTS: dict[str, Any] = {"init": "scratch", "weights": None, "seed": 0}
 
@@ -108,7 +110,8 @@ def validate_config(config: dict, source: str = "config") -> dict:
             err = jsonschema.exceptions.best_match([err]) or err
             lines.append(f"  {_key_path(err.absolute_path)}: {err.message}")
         raise ConfigError(f"{source}: invalid configuration\n" + "\n".join(lines))
-    cfg["model"] = {**MODEL_DEFAULTS, **cfg["model"]}
+    cfg["model"] = {**copy.deepcopy(MODEL_DEFAULTS), **cfg["model"]}
+    cfg["model"]["attention"] = {**ATTENTION_DEFAULTS, **cfg["model"]["attention"]}
     cfg["pretrain"] = {**PRETRAIN_DEFAULTS, **cfg["pretrain"]}
     _check_references(cfg, source)
     return cfg
@@ -248,6 +251,14 @@ def train_config(*layers: dict | None) -> dict:
     return out
 
 
+def run_model_config(model: dict) -> dict:
+    """A backbone's model config as a run's params hold it: the default (timm) attention is left out, so adding
+    attention options never changes (and reruns) the runs that do not use them."""
+    if model.get("attention", {}).get("kind", "timm") == "timm":
+        return {k: v for k, v in model.items() if k != "attention"}
+    return model
+
+
 def run_train_config(*layers: dict | None) -> dict:
     """``train_config`` without AdamO's keys unless the optimizer is adamo: a run's params (its rerun trigger) hold
     only what it uses, so adding an optimizer's defaults never reruns the other runs."""
@@ -273,7 +284,7 @@ def expand_runs(cfg: dict) -> list[RunSpec]:
                                 grid=name, study=grid["study"], dataset=ds, trainable=trainable, optimizer=opt,
                                 lr=float(lr), seed=int(seed), train=train,
                                 trainable_patterns=tuple(cfg["trainable_sets"][trainable]),
-                                backbone=grid["backbone"], model=backbone_spec(cfg, grid["backbone"])["model"],
+                                backbone=grid["backbone"], model=run_model_config(backbone_spec(cfg, grid["backbone"])["model"]),
                             ))
     return runs
 
@@ -288,7 +299,7 @@ def pretrain_spec(cfg: dict, backbone: str = DEFAULT_BACKBONE) -> dict:
         "init": pre["init"],
         "weights": pre.get("weights"),
         "seed": pre["seed"],
-        "model": spec["model"],
+        "model": run_model_config(spec["model"]),
         "train": run_train_config(pre.get("train")),
     }
 

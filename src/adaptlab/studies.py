@@ -23,6 +23,7 @@ from types import ModuleType
 
 STUDY_MODULES: tuple[str, ...] = (
     "adaptlab.plasticity",
+    "adaptlab.precond",
     "adaptlab.continual",
 )
 

@@ -14,9 +14,28 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from adaptlab.config import ATTENTION_DEFAULTS
+from adaptlab.models.precond_attention import preconditioned_attention
+
+
+def attention_layer(attention: dict | None) -> type[torch.nn.Module] | None:
+    """The ``attn_layer`` of a ``model.attention`` config: None (timm's own) for kind ``timm`` or absent."""
+    attention = {**ATTENTION_DEFAULTS, **(attention or {})}
+    if attention["kind"] == "timm":
+        return None
+    if attention["kind"] == "preconditioned":
+        return preconditioned_attention(form=attention["form"], eps=attention["eps"], detach=attention["detach"])
+    raise ValueError(f"model.attention.kind: unknown {attention['kind']!r}")
+
 
 def create_vit(model_cfg: dict, num_classes: int, **kwargs) -> VisionTransformer:
-    """Build the backbone of ``model_cfg`` with a fresh ``num_classes`` head (extra kwargs go to timm, e.g. attn_layer)."""
+    """Build the backbone of ``model_cfg`` with a fresh ``num_classes`` head (extra kwargs go to timm, e.g. attn_layer).
+
+    ``model_cfg["attention"]`` picks the attention layer; an explicit ``attn_layer`` kwarg wins over it.
+    """
+    layer = attention_layer(model_cfg.get("attention"))
+    if layer is not None:
+        kwargs.setdefault("attn_layer", layer)
     name = model_cfg.get("timm_name")
     if name:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)

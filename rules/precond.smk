@@ -1,0 +1,51 @@
+# Study 2, preconditioned attention (adaptlab.precond): phase (pretrain from scratch | finetune from the study
+# backbone) × arm (attention config) × seed, each probing kappa of its attention heads, then one interleaved
+# timing run of all arms. `snakemake precond_runs` runs the study alone.
+from adaptlab.precond import TIMING_RUN, run_specs
+
+PRECOND = run_specs(CFG)
+PRECOND_TRAIN = [r for r in PRECOND if r != TIMING_RUN]
+
+
+def precond_inputs(wc):
+    spec = PRECOND[f"precond/{wc.phase}/{wc.arm}/seed{wc.seed}"]
+    out = {"data": dataset_file(spec["dataset"])}
+    if wc.phase == "finetune":
+        out["model"] = backbone_file(spec["backbone"])
+    return out
+
+
+rule precond_train:
+    input:
+        unpack(precond_inputs),
+    output:
+        summary=RESULTS + "/runs/precond/{phase}/{arm}/seed{seed}/summary.parquet",
+    params:
+        spec=lambda wc: stable_json(PRECOND[f"precond/{wc.phase}/{wc.arm}/seed{wc.seed}"]),
+        device=CFG["device"],
+    wildcard_constraints:
+        phase="pretrain|finetune",
+        arm=NAME,
+    threads: CFG["threads"]["finetune"]
+    group:
+        "precond"
+    script:
+        "../workflow/scripts/precond.py"
+
+
+# After the training runs, so that it competes with as few of this study's jobs as possible for the cores.
+rule precond_timing:
+    input:
+        [summary_file(r) for r in PRECOND_TRAIN],
+    output:
+        summary=summary_file(TIMING_RUN),
+    params:
+        spec=lambda wc: stable_json(PRECOND[TIMING_RUN]),
+    threads: PRECOND[TIMING_RUN]["timing"]["threads"] if PRECOND else 1
+    script:
+        "../workflow/scripts/precond_timing.py"
+
+
+rule precond_runs:
+    input:
+        [summary_file(r) for r in PRECOND],

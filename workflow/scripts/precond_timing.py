@@ -1,0 +1,7 @@
+"""Interleaved time per step of every attention arm of the precond study (rule precond_timing)."""
+import json
+from pathlib import Path
+
+from adaptlab.precond.run import run_timing
+
+run_timing(json.loads(snakemake.params.spec), Path(snakemake.output.summary).parent, threads=snakemake.threads)
