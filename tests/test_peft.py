@@ -268,7 +268,10 @@ def test_peft_dag_end_to_end(tmp_path):
         "model": {k: v for k, v in TINY_MODEL.items() if k not in ("timm_name",)},
         "pretrain": {"dataset": "src", "train": {"optimizer": "adamw", "lr": 3e-3, "steps": 4, "batch_size": 32,
                                                   "eval_every": 4}},
-        "finetune": {"grids": {}},
+        "trainable_sets": {"head": []},
+        "finetune": {"defaults": {"steps": 2, "batch_size": 16, "eval_every": 2, "ckpt_every": 0},
+                     "grids": {"g": {"study": "finetune", "datasets": ["tgt"], "seeds": [0], "lrs": [0.01],
+                                     "optimizers": ["sgd"], "trainable": ["head"]}}},
         "peft": {
             "seeds": [0, 1],
             "train": {"steps": 3, "batch_size": 16, "eval_every": 3, "ckpt_every": 0},
@@ -277,8 +280,9 @@ def test_peft_dag_end_to_end(tmp_path):
             "seg_datasets": {"s": {"kind": "procedural", "image_size": 16, "n_train": 32, "n_val": 8, "n_test": 8},
                              "t": {"kind": "procedural", "domain": "shifted", "image_size": 16, "n_train": 32,
                                    "n_val": 8, "n_test": 8, "seed": 1}},
-            "tasks": {"cls": {"kind": "classification", "dataset": "tgt"},
-                      "seg": {"kind": "segmentation", "dataset": "t", "source": "s", "source_train": {"steps": 3}}},
+            "tasks": {"cls": {"kind": "classification", "dataset": "tgt", "arms": ["linear", "lora"]},
+                      "seg": {"kind": "segmentation", "dataset": "t", "source": "s", "source_train": {"steps": 3},
+                              "arms": ["adapter", "lora"]}},
             "arms": {"linear": {"method": "linear"}, "adapter": {"method": "adapter", "n_adapters": [1, 2]},
                      "lora": {"method": "lora", "rank": [2], "targets": ["qkv", "sampling_offsets+value_proj"]}},
         },
@@ -291,8 +295,8 @@ def test_peft_dag_end_to_end(tmp_path):
         runs = con.execute("SELECT run_id, status, method, trainable_pct, test_metric, latency_ms, latency_merged_ms, "
                            "added_params, added_params_formula FROM runs WHERE study = 'peft'").fetchall()
         ids = {r[0] for r in runs}
-        # deformable LoRA only on segmentation; 5 arms × 2 seeds on seg, 4 × 2 on cls, plus the source run
-        assert len(ids) == 10 + 8 + 1 and "peft/cls/lora-sampling_offsets+value_proj-r2-a2/seed0" not in ids
+        # deformable LoRA only on segmentation: 4 arms × 2 seeds on seg, 2 × 2 on cls, plus the source run
+        assert len(ids) == 8 + 4 + 1 and "peft/cls/lora-sampling_offsets+value_proj-r2-a2/seed0" not in ids
         assert all(r[1] == "ok" for r in runs), [r for r in runs if r[1] != "ok"]
         for r in runs:
             if r[2] in ("adapter", "lora"):
@@ -300,7 +304,7 @@ def test_peft_dag_end_to_end(tmp_path):
             if r[2] == "lora":
                 assert r[6] > 0
         res = con.execute("SELECT task, arm, n_ok, metric_mean, metric_std FROM peft_results").fetchall()
-        assert len(res) == 9 and all(n == 2 and 0 <= m <= 1 for _, _, n, m, _ in res)
+        assert len(res) == 6 and all(n == 2 and 0 <= m <= 1 for _, _, n, m, _ in res)
         assert con.execute("SELECT count(*) FROM peft_pareto").fetchone()[0] >= 2
     assert (wd / "results/figures/peft_pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (wd / "results/runs/peft/seg/lora-qkv-r2-a2/seed0/adapter.safetensors").is_file()
