@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from adaptlab.peft.lora import DEFORMABLE_TARGETS, LoraSpec, inject_lora, lora_p
 from adaptlab.peft.methods import apply_method, load_trainable, save_trainable
 from adaptlab.peft.segmentation import (DenseHeadConfig, InstanceSegmentation, InstanceSegmenter, coco_mask_ap,
                                         procedural_seg_dataset)
+from adaptlab.peft.study import run_peft
 from adaptlab.train.loop import fit
 from conftest import TINY_MODEL, copy_workflow
 
@@ -258,19 +260,17 @@ def test_coco_loader_reads_polygons_and_rle_and_names_a_malformed_file(tmp_path)
         coco_seg_dataset("c", {"train_json": str(bad), "train_images": str(root / "img")})
 
 
-def test_peft_dag_end_to_end(tmp_path):
-    wd = copy_workflow(tmp_path / "wf")
-    cfg = {
+def _mini_config() -> dict:
+    return {
         "device": "cpu",
-        "datasets": {"src": {"kind": "procedural", "classes": 4, "image_size": 16, "n_train": 64, "n_val": 16, "n_test": 16},
-                     "tgt": {"kind": "procedural", "classes": 4, "image_size": 16, "noise": 0.3, "n_train": 64,
-                             "n_val": 16, "n_test": 16, "seed": 1}},
+        "datasets": {"tiny": {"kind": "procedural", "classes": 4, "image_size": 16, "n_train": 128, "n_val": 32,
+                              "n_test": 32, "seed": 0}},
         "model": {k: v for k, v in TINY_MODEL.items() if k not in ("timm_name",)},
-        "pretrain": {"dataset": "src", "train": {"optimizer": "adamw", "lr": 3e-3, "steps": 4, "batch_size": 32,
-                                                  "eval_every": 4}},
+        "pretrain": {"dataset": "tiny", "train": {"optimizer": "adamw", "lr": 3e-3, "steps": 4, "batch_size": 32,
+                                                   "eval_every": 4}},
         "trainable_sets": {"head": []},
         "finetune": {"defaults": {"steps": 2, "batch_size": 16, "eval_every": 2, "ckpt_every": 0},
-                     "grids": {"g": {"study": "finetune", "datasets": ["tgt"], "seeds": [0], "lrs": [0.01],
+                     "grids": {"g": {"study": "finetune", "datasets": ["tiny"], "seeds": [0], "lrs": [0.01],
                                      "optimizers": ["sgd"], "trainable": ["head"]}}},
         "peft": {
             "seeds": [0, 1],
@@ -280,31 +280,61 @@ def test_peft_dag_end_to_end(tmp_path):
             "seg_datasets": {"s": {"kind": "procedural", "image_size": 16, "n_train": 32, "n_val": 8, "n_test": 8},
                              "t": {"kind": "procedural", "domain": "shifted", "image_size": 16, "n_train": 32,
                                    "n_val": 8, "n_test": 8, "seed": 1}},
-            "tasks": {"cls": {"kind": "classification", "dataset": "tgt", "arms": ["linear", "lora"]},
+            "tasks": {"cls": {"kind": "classification", "dataset": "tiny", "arms": ["lora"]},
                       "seg": {"kind": "segmentation", "dataset": "t", "source": "s", "source_train": {"steps": 3},
                               "arms": ["adapter", "lora"]}},
-            "arms": {"linear": {"method": "linear"}, "adapter": {"method": "adapter", "n_adapters": [1, 2]},
+            "arms": {"adapter": {"method": "adapter", "n_adapters": [2]},
                      "lora": {"method": "lora", "rank": [2], "targets": ["qkv", "sampling_offsets+value_proj"]}},
         },
     }
-    (wd / "mini.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "mini.yaml"], cwd=wd,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with duckdb.connect(str(wd / "results/adaptlab.duckdb"), read_only=True) as con:
-        runs = con.execute("SELECT run_id, status, method, trainable_pct, test_metric, latency_ms, latency_merged_ms, "
-                           "added_params, added_params_formula FROM runs WHERE study = 'peft'").fetchall()
-        ids = {r[0] for r in runs}
-        # deformable LoRA only on segmentation: 4 arms × 2 seeds on seg, 2 × 2 on cls, plus the source run
-        assert len(ids) == 8 + 4 + 1 and "peft/cls/lora-sampling_offsets+value_proj-r2-a2/seed0" not in ids
-        assert all(r[1] == "ok" for r in runs), [r for r in runs if r[1] != "ok"]
-        for r in runs:
-            if r[2] in ("adapter", "lora"):
-                assert r[7] == r[8] > 0 and 0 < r[3] < 100 and r[5] > 0
-            if r[2] == "lora":
-                assert r[6] > 0
-        res = con.execute("SELECT task, arm, n_ok, metric_mean, metric_std FROM peft_results").fetchall()
-        assert len(res) == 6 and all(n == 2 and 0 <= m <= 1 for _, _, n, m, _ in res)
+
+
+def test_peft_runs_records_and_tables(tmp_path, tiny_data, tiny_pretrained):
+    """Every run of a mini grid in process (the DAG runs the same function per job), then the aggregation."""
+    from adaptlab.aggregate import aggregate
+    from adaptlab.config import validate_config
+    from adaptlab.peft.segmentation import build_seg_dataset, save_seg_dataset
+    from adaptlab.peft.study import runs
+    from adaptlab.studies import expected_run_ids
+
+    cfg = validate_config(_mini_config())
+    specs = runs(cfg)
+    # deformable LoRA only on segmentation: 3 arms × 2 seeds on seg, 1 × 2 on cls, plus the source run
+    assert len(specs) == 6 + 2 + 1 and "peft/cls/lora-sampling_offsets+value_proj-r2-a2/seed0" not in specs
+    seg_files = {}
+    for name, spec in cfg["peft"]["seg_datasets"].items():
+        seg_files[name] = tmp_path / f"{name}.safetensors"
+        save_seg_dataset(build_seg_dataset(name, spec), seg_files[name])
+    res = tmp_path / "results"
+    source = res / "runs/peft/seg/source/model.safetensors"
+    for rid, spec in specs.items():  # the source run comes first
+        data = tiny_data if spec["task"]["kind"] == "classification" else seg_files[spec["dataset"]]
+        row = run_peft(spec, tiny_pretrained, data, res / "runs" / rid, source_path=source, device="cpu",
+                       on_error="raise")
+        assert row["status"] == "ok"
+    ids = [i for i in expected_run_ids(cfg) if i.startswith("peft/")]
+    aggregate(res, ids)
+    with duckdb.connect(str(res / "adaptlab.duckdb"), read_only=True) as con:
+        rows = con.execute("SELECT method, trainable_pct, test_metric, latency_ms, latency_merged_ms, added_params, "
+                           "added_params_formula, merge_max_abs_diff FROM runs WHERE kind = 'peft'").fetchall()
+        assert len(rows) == 8
+        for method, pct, metric, lat, lat_merged, added, formula, diff in rows:
+            assert added == formula > 0 and 0 < pct < 100 and lat > 0 and 0 <= metric <= 1
+            assert (lat_merged is not None and diff < 1e-4) if method == "lora" else lat_merged is None
+        res_rows = con.execute("SELECT task, arm, n_ok, metric_mean, metric_std FROM peft_results").fetchall()
+        assert len(res_rows) == 4 and all(n == 2 and 0 <= m <= 1 and s is not None for _, _, n, m, s in res_rows)
         assert con.execute("SELECT count(*) FROM peft_pareto").fetchone()[0] >= 2
-    assert (wd / "results/figures/peft_pareto.png").read_bytes()[:4] == b"\x89PNG"
-    assert (wd / "results/runs/peft/seg/lora-qkv-r2-a2/seed0/adapter.safetensors").is_file()
+        assert con.execute("SELECT n_adapters FROM peft_adapter_depth").fetchall() == [(2,)]
+    assert (res / "figures/peft_pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert (res / "runs/peft/seg/lora-qkv-r2-a2/seed0/adapter.safetensors").is_file()
+
+
+def test_peft_dag_plans_every_run(tmp_path):
+    wd = copy_workflow(tmp_path / "wf")
+    (wd / "mini.yaml").write_text(yaml.safe_dump(_mini_config()))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "peft_runs", "-n", "--cores", "2", "--configfile",
+                           "mini.yaml"], cwd=wd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = proc.stdout + proc.stderr
+    counts = dict(re.findall(r"^(peft_\w+)\s+(\d+)$", out, flags=re.M))
+    assert counts == {"peft_seg_data": "2", "peft_source": "1", "peft_run": "8", "peft_runs": "1"}

@@ -9,7 +9,8 @@ Hungarian-matched training and COCO mask AP (pycocotools) plus mIoU.
   pools. ``enc_layers`` deformable self-attention layers over all levels (queries = every token, reference =
   its cell centre), then ``n_queries`` learned queries through ``dec_layers`` decoder layers (self-attention,
   deformable cross-attention at learned reference points, FFN). Each query predicts a class (plus "no object")
-  and a mask = its ``mask_embed`` · per-pixel embeddings (level-0 memory, bilinearly upsampled). Post-norm
+  and a mask = its ``mask_embed`` · per-pixel embeddings (level-0 memory, bilinearly upsampled, plus a strided
+  conv stem on the image at 1 / ``mask_stride`` resolution). Post-norm
   layers as in Deformable DETR; FFN layers are named ``linear1``/``linear2`` so that LoRA's ``fc1``/``fc2`` target
   only the ViT MLPs.
 - Loss: Mask2Former-style matching (class prob + mask BCE + dice costs, ``scipy.optimize.linear_sum_assignment``),
@@ -245,11 +246,15 @@ class DenseHead(nn.Module):
         self.query_pos = nn.Embedding(c.n_queries, c.dim)
         self.ref_point = nn.Linear(c.dim, 2)
         self.pixel_proj = nn.Linear(c.dim, c.dim)
+        # a high-resolution skip from the pixels (Mask2Former's pixel decoder has one from the CNN's stride-4
+        # features): ViT tokens alone give masks at patch resolution, too coarse for objects a few patches wide
+        self.pixel_stem = nn.Sequential(nn.Conv2d(3, c.dim, 3, stride=c.mask_stride, padding=1), nn.GELU(),
+                                        nn.Conv2d(c.dim, c.dim, 1))
         # the task heads: these train in every arm
         self.class_embed = nn.Linear(c.dim, num_classes + 1)
         self.mask_embed = nn.Sequential(nn.Linear(c.dim, c.dim), nn.ReLU(), nn.Linear(c.dim, c.dim))
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], mask_size: tuple[int, int]):
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int], image: torch.Tensor):
         B, _, _ = tokens.shape
         h, w = grid
         c = self.cfg
@@ -270,7 +275,8 @@ class DenseHead(nn.Module):
         for layer in self.decoder:
             tgt = layer(tgt, qpos, qref, src, shapes)
         pixel = self.pixel_proj(src[:, :h * w]).transpose(1, 2).reshape(B, c.dim, h, w)
-        pixel = F.interpolate(pixel, size=mask_size, mode="bilinear", align_corners=False)
+        stem = self.pixel_stem(image)
+        pixel = F.interpolate(pixel, size=stem.shape[-2:], mode="bilinear", align_corners=False) + stem
         masks = torch.einsum("bkd,bdhw->bkhw", self.mask_embed(tgt), pixel)
         return self.class_embed(tgt), masks
 
@@ -282,12 +288,10 @@ class InstanceSegmenter(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = DenseHead(backbone.embed_dim, num_classes, head_cfg)
-        size = backbone.patch_embed.img_size
-        self.mask_size = (size[0] // head_cfg.mask_stride, size[1] // head_cfg.mask_stride)
 
     def forward(self, x: torch.Tensor):
         tokens = self.backbone.forward_features(x)[:, self.backbone.num_prefix_tokens:]
-        return self.head(tokens, tuple(self.backbone.patch_embed.grid_size), self.mask_size)
+        return self.head(tokens, tuple(self.backbone.patch_embed.grid_size), x)
 
 
 # ------------------------------------------------------------------------------------------------ loss
