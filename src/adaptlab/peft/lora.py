@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from torch import nn
-
 DEFORMABLE_TARGETS = ("sampling_offsets", "value_proj", "attention_weights", "output_proj")
 VIT_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
@@ -41,9 +39,11 @@ class LoraSpec:
     def deformable(self) -> bool:
         return any(n in DEFORMABLE_TARGETS for n in self.target_modules)
 
-    def linear_targets(self, model: nn.Module) -> list[str]:
+    def linear_targets(self, model) -> list[str]:
         """Full names of the ``nn.Linear`` modules a target name matches by suffix. Resolved here, not by peft's own
         suffix match, because ``proj`` would also hit timm's ``patch_embed.proj`` (a Conv2d)."""
+        from torch import nn  # lazily: the Snakefile validates target names through this module
+
         names = self.target_modules
         found = [n for n, m in model.named_modules()
                  if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in names)]
@@ -51,14 +51,14 @@ class LoraSpec:
             raise ValueError(f"LoRA targets {self.targets!r} match no Linear layer of the model")
         return found
 
-    def peft_config(self, model: nn.Module):
+    def peft_config(self, model):
         from peft import LoraConfig
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=self.linear_targets(model), bias="none")
 
 
-def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+def inject_lora(model, spec: LoraSpec):
     """Wrap ``model`` in a peft ``LoraModel`` (its targets are replaced in place); only LoRA matrices train.
 
     Returns the ``LoraModel``: its ``forward`` is the model's, its ``.model`` the adapted module.
@@ -68,12 +68,12 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     return LoraModel(model, spec.peft_config(model), "default")
 
 
-def merged_copy(lora_model: nn.Module) -> nn.Module:
+def merged_copy(lora_model):
     """A plain copy of the model with W ← W + (alpha / r)·B·A in every target (peft ``merge_and_unload``)."""
     return copy.deepcopy(lora_model).merge_and_unload()
 
 
-def lora_params(model: nn.Module, spec: LoraSpec) -> int:
+def lora_params(model, spec: LoraSpec) -> int:
     """Analytic count: r·(d_in + d_out) for every Linear whose name matches a target."""
     modules = dict(model.named_modules())
     return sum(spec.r * (modules[n].in_features + modules[n].out_features) for n in spec.linear_targets(model))

@@ -24,14 +24,12 @@ import traceback
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 
 from adaptlab import records
 from adaptlab.config import ConfigError, backbone_names, backbone_spec, config_hash, train_config
-from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, save_model_weights
-from adaptlab.runner import summary_row
-from adaptlab.train.device import resolve_device, set_threads
-from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
+
+# torch, timm and peft are imported inside the run functions: the Snakefile imports this module to expand the
+# grid, and every (cluster) job re-parses the workflow, so the import has to stay light
 
 SECTION = "peft"
 SOURCE_ARM = "source"
@@ -266,6 +264,9 @@ FIGURES = {"peft_pareto": plot_pareto}
 def build_task_model(spec: dict, data, backbone_path, source_path, device):
     """(model, task) of a run: the backbone from ``backbone_path``; a segmentation model's dense head from the
     source run's weights when given."""
+    import torch
+
+    from adaptlab.models.vit import create_vit, load_model_weights
     from adaptlab.peft.segmentation import InstanceSegmentation, InstanceSegmenter, head_config
     from adaptlab.train.tasks import ImageClassification
 
@@ -288,17 +289,19 @@ def build_task_model(spec: dict, data, backbone_path, source_path, device):
     return model, task
 
 
-@torch.no_grad()
-def latency_ms(model: torch.nn.Module, x: torch.Tensor, reps: int = 5) -> float:
+def latency_ms(model, x, reps: int = 5) -> float:
     """Median wall time of one eval forward of the batch ``x`` (after one warm-up)."""
+    import torch
+
     was = model.training
     model.eval()
-    model(x)
     times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+    with torch.no_grad():
         model(x)
-        times.append(time.perf_counter() - t0)
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
     model.train(was)
     return 1000 * sorted(times)[len(times) // 2]
 
@@ -307,7 +310,7 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def added_params_formula(base: torch.nn.Module, arm: dict) -> int:
+def added_params_formula(base, arm: dict) -> int:
     """What adapters / LoRA add by the analytic formulas, counted on the un-adapted model."""
     from adaptlab.peft.adapters import adapter_params, attention_modules
     from adaptlab.peft.lora import lora_params
@@ -323,10 +326,16 @@ def added_params_formula(base: torch.nn.Module, arm: dict) -> int:
 def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None, device: str = "auto",
              threads: int = 1, on_error: str = "record") -> dict:
     """One run of the grid (or, with arm ``source``, the full source pretraining of a segmentation task)."""
+    import torch
+
     from adaptlab.data.store import load_dataset
+    from adaptlab.models.vit import count_parameters, save_model_weights
     from adaptlab.peft.lora import merged_copy
     from adaptlab.peft.methods import TASK_PARTS, apply_method, save_trainable
     from adaptlab.peft.segmentation import load_seg_dataset
+    from adaptlab.runner import summary_row
+    from adaptlab.train.device import resolve_device, set_threads
+    from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
 
     set_threads(threads)
     out_dir = Path(out_dir)
