@@ -20,6 +20,7 @@ include: "rules/finetune.smk"
 include: "rules/plasticity.smk"
 include: "rules/continual.smk"
 include: "rules/precond.smk"
+include: "rules/peft.smk"
 include: "rules/aggregate.smk"
 
 rule all:

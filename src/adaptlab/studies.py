@@ -24,6 +24,7 @@ from types import ModuleType
 STUDY_MODULES: tuple[str, ...] = (
     "adaptlab.plasticity",
     "adaptlab.precond",
+    "adaptlab.peft.study",
     "adaptlab.continual",
 )
 

@@ -47,7 +47,7 @@ class ImageClassification:
     def labels(self, split: str) -> torch.Tensor:
         return self._y[split]
 
-    def train_batch(self, step: int, batch_size: int):
+    def _batch_indices(self, step: int, batch_size: int) -> torch.Tensor:
         """Shuffled epochs with drop_last, each epoch's order seeded by (seed, epoch)."""
         n = len(self._y["train"])
         per_epoch = n // batch_size
@@ -57,12 +57,21 @@ class ImageClassification:
         if epoch != self._perm_epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perm, self._perm_epoch = torch.randperm(n, generator=g).to(self.device), epoch
-        idx = self._perm[k * batch_size:(k + 1) * batch_size]
+        return self._perm[k * batch_size:(k + 1) * batch_size]
+
+    def _flips(self, step: int, n: int) -> torch.Tensor | None:
+        """Which images of the step's batch to flip horizontally (None without ``hflip``), seeded by (seed, step)."""
+        if not self.hflip:
+            return None
+        g = torch.Generator().manual_seed(self.seed * 7_000_003 + step)
+        return (torch.rand(n, generator=g) < 0.5).to(self.device).view(-1, 1, 1, 1)
+
+    def train_batch(self, step: int, batch_size: int):
+        idx = self._batch_indices(step, batch_size)
         x = self._prepare(self._x["train"][idx])
-        if self.hflip:
-            g = torch.Generator().manual_seed(self.seed * 7_000_003 + step)
-            flip = (torch.rand(len(idx), generator=g) < 0.5).to(self.device)
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        flip = self._flips(step, len(idx))
+        if flip is not None:
+            x = torch.where(flip, x.flip(-1), x)
         return x, self._y["train"][idx]
 
     def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
