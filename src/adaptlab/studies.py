@@ -20,7 +20,7 @@ import importlib
 from collections import Counter
 from types import ModuleType
 
-STUDY_MODULES: tuple[str, ...] = ()
+STUDY_MODULES: tuple[str, ...] = ("adaptlab.icl.study",)
 
 
 def studies() -> list[ModuleType]:
