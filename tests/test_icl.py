@@ -258,8 +258,8 @@ def _minimal_config(steps=30):
                      "grids": {"g": {"datasets": ["source"], "seeds": [0], "lrs": [0.01], "trainable": ["head"]}}},
         "icl": {"data": {"D": 16, "L": 16, "N": 4, "B": 2, "n_max": 8, "eval_size": 64},
                 "train": {"steps": steps, "eval_every": 10, "batch_size": 32},
-                "unimodal": {"schemes": ["ape", "rope"], "Ks": [32], "seeds": [0]},
-                "multimodal": {"stage1": {"scheme": "rope", "K": 64}, "Ks": [16], "D2": 8, "L2": 8,
+                "unimodal": {"schemes": ["ape"], "Ks": [32], "seeds": [0]},
+                "multimodal": {"stage1": {"scheme": "ape", "K": 32}, "Ks": [16], "D2": 8, "L2": 8,
                                "train": {"steps": 10, "eval_every": 5}}},
     }
 
@@ -267,10 +267,13 @@ def _minimal_config(steps=30):
 def test_pipeline_end_to_end(tmp_path):
     cfg = _minimal_config()
     ids = run_ids(validate_config(cfg))
-    assert sorted(ids) == sorted(["icl/uni/ape/K32/seed0", "icl/uni/rope/K32/seed0", "icl/uni/rope/K64/seed0",
-                                  "icl/mm/pretrained/K16/seed0", "icl/mm/scratch/K16/seed0"])
+    assert sorted(ids) == sorted(["icl/uni/ape/K32/seed0", "icl/mm/pretrained/K16/seed0", "icl/mm/scratch/K16/seed0"])
     sp = specs(validate_config(cfg))
-    assert sp["icl/mm/pretrained/K16/seed0"]["stage1"] == "icl/uni/rope/K64/seed0"
+    # the pretrained arm depends on the unimodal run of the same seed; a stage-1 K outside the grid adds that run
+    assert sp["icl/mm/pretrained/K16/seed0"]["stage1"] == "icl/uni/ape/K32/seed0"
+    other = validate_config({**cfg, "icl": {**cfg["icl"], "multimodal": {**cfg["icl"]["multimodal"],
+                                                                         "stage1": {"scheme": "rope", "K": 64}}}})
+    assert "icl/uni/rope/K64/seed0" in run_ids(other)
     wd = copy_workflow(tmp_path / "wf")
     (wd / "configs/icl_tiny.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "configs/icl_tiny.yaml"],
@@ -280,11 +283,15 @@ def test_pipeline_end_to_end(tmp_path):
         status = dict(con.execute("SELECT run_id, status FROM runs WHERE study = 'icl'").fetchall())
         assert status == {i: "ok" for i in ids}
         thr = con.execute("SELECT scheme, K, n_seeds, ic_acc, iw_acc FROM icl_threshold ORDER BY ALL").fetchall()
-        assert [(s, k, n) for s, k, n, *_ in thr] == [("ape", 32, 1), ("rope", 32, 1), ("rope", 64, 1)]
+        assert [(s, k, n) for s, k, n, *_ in thr] == [("ape", 32, 1)]
         assert all(0 <= r[3] <= 1 and 0 <= r[4] <= 1 for r in thr)
         mm = con.execute("SELECT arm, K2, m2only_acc, ic_acc_step0 FROM icl_multimodal ORDER BY arm").fetchall()
         assert [(a, k) for a, k, *_ in mm] == [("pretrained", 16), ("scratch", 16)]
         assert all(r[2] is not None and r[3] is not None for r in mm)
+        # both arms draw the same initial weights from the seed, so only the loaded stage-1 decoder separates them
+        loss0 = dict(con.execute("SELECT run_id, value FROM icl_eval WHERE step = 0 AND metric = 'loss' "
+                                 "AND run_id LIKE 'icl/mm/%'").fetchall())
+        assert loss0["icl/mm/pretrained/K16/seed0"] != loss0["icl/mm/scratch/K16/seed0"]
         # per eval step (0, 10, 20, 30) × 2 layers for a unimodal run
         n = con.execute("SELECT count(*), count(DISTINCT step), count(DISTINCT layer) FROM icl_training "
                         "WHERE run_id = 'icl/uni/ape/K32/seed0'").fetchone()
@@ -301,3 +308,15 @@ def test_pipeline_end_to_end(tmp_path):
                            "configs/icl_tiny2.yaml"], cwd=wd, capture_output=True, text=True)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "rule icl_mm" in out and "rule icl_uni" not in out
+
+
+def test_a_failing_run_is_recorded_not_raised(tmp_path):
+    from adaptlab import records
+    from adaptlab.icl.study import run_icl
+
+    spec = specs(validate_config(_minimal_config()))["icl/uni/ape/K32/seed0"]
+    spec = {**spec, "K": 30}  # not a multiple of L: the generator refuses it inside the run
+    row = run_icl(spec, tmp_path, device="cpu")
+    assert row["status"] == "failed" and "K=30 must be a positive multiple of L=16" in row["error"]
+    assert records.read_summary(tmp_path / "summary.parquet")["status"] == "failed"
+    assert (tmp_path / "icl_eval.parquet").exists() and (tmp_path / "steps.parquet").exists()

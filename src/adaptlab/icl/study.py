@@ -290,28 +290,35 @@ def _plt():
     return plt
 
 
-def plot_icl_vs_k(con, path: Path) -> None:
-    """Final ICL (IC) and IWL (IW) accuracy against K (log scale), one colour per positional scheme."""
-    plt = _plt()
-    rows = con.execute("SELECT scheme, K, ic_acc, ic2_acc, iw_acc FROM icl_threshold ORDER BY scheme, K").fetchall()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, scheme in enumerate(sorted({r[0] for r in rows})):
-        pts = [r for r in rows if r[0] == scheme]
-        c = f"C{i}"
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], "-o", color=c, label=f"{scheme} ICL (IC)")
-        ax.plot([p[1] for p in pts], [p[3] for p in pts], ":^", color=c, label=f"{scheme} IC2 (swapped)")
-        ax.plot([p[1] for p in pts], [p[4] for p in pts], "--s", color=c, label=f"{scheme} IWL (IW)")
-    if rows:
-        ax.set_xscale("log", base=2)
-    else:
-        ax.text(0.5, 0.5, "no unimodal runs", ha="center")
-    ax.set_xlabel("K (training classes)")
-    ax.set_ylabel("final accuracy")
-    ax.set_ylim(-0.02, 1.02)
+def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _accuracy_vs_k(path: Path, rows: list[tuple], series: tuple[str, ...], xlabel: str, empty: str) -> None:
+    """Rows (group, K, acc_1, …): one colour per group, one line style per accuracy named in ``series``."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for i, grp in enumerate(sorted({r[0] for r in rows})):
+        pts = [r for r in rows if r[0] == grp]
+        for j, (style, name) in enumerate(zip(("-o", ":^", "--s"), series)):
+            ax.plot([p[1] for p in pts], [p[2 + j] for p in pts], style, color=f"C{i}", label=f"{grp} {name}")
+    if rows:
+        ax.set_xscale("log", base=2)
+    else:
+        ax.text(0.5, 0.5, empty, ha="center")
+    ax.set_ylim(-0.02, 1.02)
+    _finish(plt, fig, ax, path, xlabel, "final accuracy")
+
+
+def plot_icl_vs_k(con, path: Path) -> None:
+    """Final ICL (IC), swapped-label (IC2) and IWL (IW) accuracy against K, one colour per positional scheme."""
+    rows = con.execute("SELECT scheme, K, ic_acc, ic2_acc, iw_acc FROM icl_threshold ORDER BY scheme, K").fetchall()
+    _accuracy_vs_k(path, rows, ("ICL (IC)", "IC2 (swapped)", "IWL (IW)"), "K (training classes)", "no unimodal runs")
 
 
 def plot_induction_vs_icl(con, path: Path) -> None:
@@ -326,35 +333,13 @@ def plot_induction_vs_icl(con, path: Path) -> None:
         ax.scatter([p[1] for p in pts], [p[2] for p in pts], s=10, alpha=0.7, label=grp)
     if not rows:
         ax.text(0.5, 0.5, "no ICL runs", ha="center")
-    ax.set_xlabel("induction strength IH (last layer)")
-    ax.set_ylabel("ICL accuracy (IC)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "induction strength IH (last layer)", "ICL accuracy (IC)")
 
 
 def plot_multimodal(con, path: Path) -> None:
     """Multimodal grid: IC, IC2 and the M2-only diagnostic against K2 per arm."""
-    plt = _plt()
     rows = con.execute("SELECT arm, K2, ic_acc, ic2_acc, m2only_acc FROM icl_multimodal ORDER BY arm, K2").fetchall()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for i, arm in enumerate(sorted({r[0] for r in rows})):
-        pts = [r for r in rows if r[0] == arm]
-        c = f"C{i}"
-        for j, (style, name) in enumerate((("-o", "IC"), (":^", "IC2"), ("--s", "IC-M2only"))):
-            ax.plot([p[1] for p in pts], [p[2 + j] for p in pts], style, color=c, label=f"{arm} {name}")
-    if rows:
-        ax.set_xscale("log", base=2)
-    else:
-        ax.text(0.5, 0.5, "no multimodal runs", ha="center")
-    ax.set_xlabel("K2 (secondary classes)")
-    ax.set_ylabel("final accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _accuracy_vs_k(path, rows, ("IC", "IC2", "IC-M2only"), "K2 (secondary classes)", "no multimodal runs")
 
 
 FIGURES = {"icl_vs_k": plot_icl_vs_k, "icl_induction": plot_induction_vs_icl, "icl_multimodal": plot_multimodal}
