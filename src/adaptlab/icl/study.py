@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
@@ -330,7 +331,10 @@ def plot_induction_vs_icl(con, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.8))
     for grp in sorted({r[0] for r in rows}):
         pts = [r for r in rows if r[0] == grp]
-        ax.scatter([p[1] for p in pts], [p[2] for p in pts], s=10, alpha=0.7, label=grp)
+        x, y = np.array([p[1] for p in pts], float), np.array([p[2] for p in pts], float)
+        ok = np.isfinite(x) & np.isfinite(y)
+        r = np.corrcoef(x[ok], y[ok])[0, 1] if ok.sum() > 2 and x[ok].std() > 0 and y[ok].std() > 0 else float("nan")
+        ax.scatter(x, y, s=10, alpha=0.7, label=f"{grp} (Pearson r = {r:.2f})")
     if not rows:
         ax.text(0.5, 0.5, "no ICL runs", ha="center")
     _finish(plt, fig, ax, path, "induction strength IH (last layer)", "ICL accuracy (IC)")
