@@ -20,17 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
-from safetensors.torch import load_file, save_file
 
 from adaptlab import records
 from adaptlab.config import ConfigError, config_hash, train_config
 from adaptlab.icl.data import ICLWorld, MultimodalWorld, check_params
-from adaptlab.icl.model import ICLTransformer
-from adaptlab.icl.task import ICLTask
-from adaptlab.runner import summary_row
-from adaptlab.train.device import resolve_device, set_threads
-from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
+
+# torch, the model and the loop are imported inside the run functions: the Snakefile imports this module to
+# expand run ids, and every (cluster) job re-parses the Snakefile, so a torch import here slows each job.
 
 SECTION = "icl"
 MODEL_NAME = "model.safetensors"
@@ -134,7 +130,9 @@ def build_world(spec: dict):
     return world
 
 
-def build_model(spec: dict) -> ICLTransformer:
+def build_model(spec: dict):
+    from adaptlab.icl.model import ICLTransformer
+
     d, m = spec["data"], spec["model"]
     m2 = spec["secondary"]["D2"] if spec["kind"] == "icl_mm" else None
     return ICLTransformer(d["D"], d["L"], pos=spec["scheme"], n_layers=m["n_layers"], n_heads=m["n_heads"],
@@ -157,6 +155,14 @@ def _eval_rows(run_id: str, step: int, metrics: dict) -> list[dict]:
 def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None = None, device: str = "auto",
             threads: int = 1, on_error: str = "record") -> dict:
     """Train one ICL run with the shared loop and write summary, steps, the ``icl_eval`` raw table and weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from adaptlab.icl.task import ICLTask
+    from adaptlab.runner import summary_row
+    from adaptlab.train.device import resolve_device, set_threads
+    from adaptlab.train.loop import fit
+
     set_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +218,10 @@ def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None 
 
 
 def _write(out_dir: Path, spec: dict, row: dict, log: dict, evals: list[dict], model) -> None:
+    from safetensors.torch import save_file
+
+    from adaptlab.train.loop import BEST_NAME, CKPT_NAME
+
     records.write_steps(out_dir / "steps.parquet", spec["run_id"], log)
     records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
     table = pa.Table.from_pylist(evals, schema=RAW_TABLES["icl_eval"])
