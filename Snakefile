@@ -21,6 +21,7 @@ include: "rules/plasticity.smk"
 include: "rules/continual.smk"
 include: "rules/precond.smk"
 include: "rules/peft.smk"
+include: "rules/icl.smk"
 include: "rules/aggregate.smk"
 
 rule all:

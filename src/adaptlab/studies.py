@@ -25,6 +25,7 @@ STUDY_MODULES: tuple[str, ...] = (
     "adaptlab.plasticity",
     "adaptlab.precond",
     "adaptlab.peft.study",
+    "adaptlab.icl.study",
     "adaptlab.continual",
 )
 

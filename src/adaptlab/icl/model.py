@@ -1,0 +1,156 @@
+"""The small decoder of the ICL testbed (shared/papers/icl.md §2), in timm-like small modules.
+
+Hand-written because it is not a stock architecture: no token embedding (the input vectors are the residual
+stream), pre-norm blocks h = x + Attn(RMSNorm(x)), y = h + MLP(RMSNorm(h)), a final RMSNorm and a bias-free
+readout of the L label logits at the last position only.
+
+* ``pos``: ``ape`` concatenates a one-hot of size 2·n_max+1 to every token, the block starting at the batch's
+  random ``pos_offset`` (Reddy's scheme, width D + 2·n_max + 1); ``rope`` rotates q and k by a true rotation
+  (pairs (2i, 2i+1) by angle p·θ^(-2i/head_dim)); ``none`` uses no position at all.
+* ``mlp``: ``official`` is fc3(SiLU(fc1 x ⊙ fc2 x)) as written in the official code (SiLU after the product, the
+  default); ``swiglu`` is fc3(SiLU(fc1 x) ⊙ fc2 x). Three d×d linears with bias; PyTorch's default init (the
+  official init function is never called).
+* W_q, W_k, W_v (and W_o, present only with more than one head) and the head are N(0, 0.02²), no bias.
+* Multimodal: a ``Projector`` (Linear D2→D, GELU, Linear D→D, no bias, N(0, 0.02²)) writes the secondary items
+  into the M2 slots (3i+1 and the last position) before positions are added.
+
+Attention probabilities are kept in ``attn.last_attn`` when ``record_attn`` is set, for the progress measures.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import RmsNorm
+
+
+def rope_angles(seq_len: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """(T, head_dim/2) rotation angles p·θ^(-2i/head_dim)."""
+    if head_dim % 2:
+        raise ValueError(f"icl.model: RoPE needs an even head dimension, got {head_dim}")
+    inv = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (torch.arange(seq_len, dtype=torch.float64)[:, None] * inv[None]).float()
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate each consecutive pair (x_{2i}, x_{2i+1}) of the last dim by the angle of its position (dim -2)."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int = 1, rope: bool = False, rope_base: float = 10000.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"icl.model: width {dim} is not divisible by n_heads={num_heads}")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False) if num_heads > 1 else nn.Identity()
+        self.rope, self.rope_base = rope, rope_base
+        self.record_attn = False
+        self.last_attn: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (m(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for m in (self.q, self.k, self.v))
+        if self.rope:
+            ang = rope_angles(T, self.head_dim, self.rope_base).to(x.device)
+            q, k = apply_rope(q, ang), apply_rope(k, ang)
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        att = att.masked_fill(~mask, float("-inf")).softmax(-1)
+        if self.record_attn:
+            self.last_attn = att.detach()
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        return self.proj(y)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, kind: str = "official"):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "official":
+            return self.fc3(F.silu(self.fc1(x) * self.fc2(x)))
+        return self.fc3(F.silu(self.fc1(x)) * self.fc2(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, rope: bool, mlp: str, rope_base: float):
+        super().__init__()
+        self.norm1 = RmsNorm(dim, eps=1e-5)
+        self.attn = Attention(dim, num_heads, rope, rope_base)
+        self.norm2 = RmsNorm(dim, eps=1e-5)
+        self.mlp = Mlp(dim, mlp)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(in_dim, out_dim, bias=False), nn.GELU(), nn.Linear(out_dim, out_dim, bias=False)
+        for m in (self.fc1, self.fc2):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ICLTransformer(nn.Module):
+    """Decoder over (n, T, D) input vectors → (n, L) logits at the last position."""
+
+    def __init__(self, in_dim: int, num_labels: int, *, pos: str = "rope", n_layers: int = 2, n_heads: int = 1,
+                 n_max: int = 32, mlp: str = "official", rope_base: float = 10000.0, m2_dim: int | None = None):
+        super().__init__()
+        if pos not in ("ape", "rope", "none"):
+            raise ValueError(f"icl.model: unknown positional scheme {pos!r} (ape, rope, none)")
+        self.pos, self.in_dim, self.n_max = pos, in_dim, n_max
+        self.pos_dim = 2 * n_max + 1 if pos == "ape" else 0
+        self.width = in_dim + self.pos_dim
+        self.blocks = nn.ModuleList(Block(self.width, n_heads, pos == "rope", mlp, rope_base) for _ in range(n_layers))
+        self.norm = RmsNorm(self.width, eps=1e-5)
+        self.head = nn.Linear(self.width, num_labels, bias=False)
+        self.projector = Projector(m2_dim, in_dim) if m2_dim else None
+        for blk in self.blocks:
+            for m in (blk.attn.q, blk.attn.k, blk.attn.v, blk.attn.proj):
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def set_record_attn(self, on: bool) -> None:
+        for blk in self.blocks:
+            blk.attn.record_attn = on
+            blk.attn.last_attn = None
+
+    def attention_maps(self) -> list[torch.Tensor]:
+        """Per layer (n, heads, T, T) attention of the last recorded forward pass."""
+        return [blk.attn.last_attn for blk in self.blocks]
+
+    def forward(self, x: torch.Tensor, pos_offset: torch.Tensor | None = None, m2: torch.Tensor | None = None):
+        n, T, _ = x.shape
+        if m2 is not None:
+            if self.projector is None:
+                raise ValueError("icl.model: secondary-modality input given to a model without a projector")
+            # M2 slots: 3i+1 for the N context pairs and the last position (the query's secondary item)
+            slots = torch.cat([torch.arange(1, T - 2, 3, device=x.device), torch.tensor([T - 1], device=x.device)])
+            x = x.index_copy(1, slots, self.projector(m2).to(x.dtype))
+        if self.pos_dim:
+            if T > self.pos_dim:
+                raise ValueError(f"icl.model: sequence of {T} tokens exceeds the APE block of {self.pos_dim}")
+            off = torch.zeros(n, dtype=torch.long, device=x.device) if pos_offset is None else pos_offset.long()
+            hot = F.one_hot(off[:, None] + torch.arange(T, device=x.device)[None], self.pos_dim).to(x.dtype)
+            x = torch.cat([x, hot], dim=-1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x[:, -1]))
