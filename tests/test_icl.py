@@ -201,7 +201,7 @@ def test_identical_seeds_give_identical_batches_sets_and_weights():
         w = ICLWorld(K=512, D=16, L=32, N=8, B=2, p_bursty=0.7, p_novel=0.2, seed=seed)
         return w, ICLTask(w, torch.device("cpu"), seed, eval_size=64)
 
-    (w1, t1), (w2, t2), (_, t3) = make(4), make(4), make(5)
+    (_, t1), (_, t2), (_, t3) = make(4), make(4), make(5)
     for step in (0, 7):
         b1, b2, b3 = t1.train_batch(step, 32), t2.train_batch(step, 32), t3.train_batch(step, 32)
         assert all(torch.equal(b1[k], b2[k]) for k in b1) and not torch.equal(b1["x"], b3["x"])

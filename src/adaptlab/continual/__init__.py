@@ -97,7 +97,7 @@ TABLES = {
         {_cols}
         FROM continual_task_metrics WHERE layer = 'all'
         GROUP BY ALL ORDER BY {KEYS}, task""",
-    "continual_summary": f"""
+    "continual_summary": """
         SELECT grid, dataset AS benchmark, backbone AS model, method, any_value(optimizer) AS optimizer,
                any_value(lr) AS lr, count(*) AS n_runs, count(*) FILTER (WHERE status = 'ok') AS n_ok,
                any_value(summary_tasks) AS k_tasks,

@@ -1,7 +1,6 @@
 """The ICL task for the shared training loop: online batches drawn from (seed, step), fixed eval sets."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -10,7 +10,6 @@ log10 kappa over training.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from adaptlab.config import ConfigError, backbone_names, backbone_spec, pretrain_spec, train_config
