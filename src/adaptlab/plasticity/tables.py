@@ -125,28 +125,14 @@ TABLES = {
 }
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _panels(path: Path, keys: list, draw) -> None:
-    """One panel per key, drawn by ``draw(ax, key)``; a note instead when there is nothing to draw."""
-    plt = _plt()
-    n = max(1, len(keys))
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    """One panel per key (the shared layout of adaptlab.aggregate), drawn by ``draw(ax, key)``."""
+    from adaptlab.aggregate import panel_axes, save_panels
+
+    fig, axes = panel_axes(len(keys), height=3.6)
     for ax, key in zip(axes.flat, keys):
         draw(ax, key)
-    if not keys:
-        axes.flat[0].text(0.5, 0.5, "no plasticity runs", ha="center", va="center")
-        axes.flat[0].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, len(keys), path, "no plasticity runs")
 
 
 def plot_plasticity_by_component(con, path: Path) -> None:
