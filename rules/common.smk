@@ -2,8 +2,7 @@
 from snakemake.exceptions import WorkflowError
 
 from adaptlab.aggregate import all_figures, all_tables
-from adaptlab.config import (ConfigError, RESULTS, backbone_names, expand_runs, pretrain_run_id, pretrain_spec,
-                             stable_json, validate_config)
+from adaptlab.config import ConfigError, RESULTS, expand_runs, pretrain_run_id, pretrain_spec, stable_json, validate_config
 from adaptlab.studies import expected_run_ids
 
 try:
@@ -14,7 +13,6 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 RUNS = {r.run_id: r for r in expand_runs(CFG)}
-BACKBONES = backbone_names(CFG)
 NAME = r"[A-Za-z][A-Za-z0-9_-]*"
 
 

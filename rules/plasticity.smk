@@ -6,7 +6,6 @@
 # finetune grid with `study: plasticity` (rules/finetune.smk); the ablation arms are more such grids.
 import adaptlab.plasticity as plasticity
 
-PLASTICITY_PAIRS = plasticity.study_pairs(CFG) if "plasticity" in CFG else []
 PLASTICITY_RUN_IDS = plasticity.run_ids(CFG)
 
 

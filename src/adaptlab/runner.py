@@ -29,6 +29,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
+def error_text(err: BaseException) -> str:
+    """What a failed run records in its summary's ``error``: the exception and the last frames of its traceback."""
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+
+
 def summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, result: FitResult | None,
                  device: torch.device, full_config: dict, wall: float, status: str | None = None,
                  error: str | None = None) -> dict:
@@ -145,7 +150,7 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
         if on_error == "raise":
             raise
         row = summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
-                           error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                           error=error_text(err))
         records.write_steps(out_dir / "steps.parquet", run["run_id"], {})
         records.write_summary(out_dir / "summary.parquet", row)
         return row

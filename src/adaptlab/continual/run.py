@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,7 +21,7 @@ from adaptlab import records
 from adaptlab.config import config_hash, train_config
 from adaptlab.continual import bench, metrics
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
-from adaptlab.runner import summary_row
+from adaptlab.runner import error_text, summary_row
 from adaptlab.train.device import set_threads
 from adaptlab.train.loop import BEST_NAME, FitResult, fit
 from adaptlab.train.optim import build_optimizer
@@ -131,7 +130,7 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
     except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
         if on_error == "raise":
             raise
-        status, error = "failed", f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+        status, error = "failed", error_text(err)
     k = g["summary_tasks"]
     wall = time.perf_counter() - t0
     steps_done = len(log["step"])

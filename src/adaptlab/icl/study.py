@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +158,7 @@ def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None 
     from safetensors.torch import load_file
 
     from adaptlab.icl.task import ICLTask
-    from adaptlab.runner import summary_row
+    from adaptlab.runner import error_text, summary_row
     from adaptlab.train.device import resolve_device, set_threads
     from adaptlab.train.loop import fit
 
@@ -193,7 +192,7 @@ def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None 
         if on_error == "raise":
             raise
         row = summary_row(identity, cfg, model, None, dev, spec, time.perf_counter() - t0, status="failed",
-                          error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                          error=error_text(err))
         row.update(extra, **{f.name: None for f in SUMMARY_FIELDS if f.name not in extra})
         _write(out_dir, spec, row, {}, evals, None)
         return row

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -333,7 +332,7 @@ def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None,
     from adaptlab.peft.lora import merged_copy
     from adaptlab.peft.methods import TASK_PARTS, apply_method, save_trainable
     from adaptlab.peft.segmentation import load_seg_dataset
-    from adaptlab.runner import summary_row
+    from adaptlab.runner import error_text, summary_row
     from adaptlab.train.device import resolve_device, set_threads
     from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
 
@@ -385,7 +384,7 @@ def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None,
         if on_error == "raise":
             raise
         row = summary_row(identity, cfg, train_model, None, dev, spec, time.perf_counter() - t0, status="failed",
-                          error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                          error=error_text(err))
         row.update(extra)
         records.write_steps(out_dir / "steps.parquet", spec["run_id"], {})
         records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)

@@ -13,13 +13,15 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from adaptlab.plasticity.components import embed
+
 
 @torch.no_grad()
 def features(model, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = model.blocks(model.norm_pre(model._pos_embed(model.patch_embed(images[start:start + batch_size]))))
+        x = model.blocks(embed(model, images[start:start + batch_size]))
         out.append(F.normalize(x.mean(dim=1).double(), dim=-1))
     return torch.cat(out).numpy()
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +14,7 @@ from adaptlab.plasticity import analysis_run_id, linear_probe_run_id
 from adaptlab.plasticity.analysis import analyse, paired_indices
 from adaptlab.plasticity.linear_probe import features, linear_probe
 from adaptlab.plasticity.tables import RAW_TABLES, SUMMARY_FIELDS
-from adaptlab.runner import summary_row
+from adaptlab.runner import error_text, summary_row
 from adaptlab.train.device import resolve_device, set_threads
 from adaptlab.train.tasks import ImageClassification
 
@@ -86,7 +85,7 @@ def run_linear_probe(spec: dict, weights, data_path, out_dir, *, device: str = "
     except Exception as err:  # noqa: BLE001 - recorded like a failed finetuning run
         row = summary_row(_identity(run_id, "linear_probe", spec), {"steps": 0}, model, None, dev, spec,
                           time.perf_counter() - t0, status="failed",
-                          error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                          error=error_text(err))
         return _write(out_dir, row)
     row = summary_row(_identity(run_id, "linear_probe", spec), {"steps": 0}, model, None, dev, spec,
                       time.perf_counter() - t0, status="ok")

@@ -13,7 +13,6 @@ import copy
 import math
 import statistics
 import time
-import traceback
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +25,7 @@ from adaptlab.config import config_hash, train_config
 from adaptlab.data.store import load_dataset
 from adaptlab.models.precond_attention import PreconditionedAttention, condition_number, head_outputs, precondition
 from adaptlab.models.vit import create_vit, load_model_weights
-from adaptlab.runner import summary_row
+from adaptlab.runner import error_text, summary_row
 from adaptlab.train.device import resolve_device, set_threads
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
 from adaptlab.train.optim import build_optimizer
@@ -160,7 +159,7 @@ def run_precond(spec: dict, data_path: str | Path, weights: str | Path | None, o
         if spec.get("on_error") == "raise":
             raise
         row = summary_row(identity, cfg, model, None, dev, spec, time.perf_counter() - t0, status="failed",
-                          error=f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}")
+                          error=error_text(err))
         row.update({f.name: extra.get(f.name) for f in SUMMARY_FIELDS})
         records.write_steps(out_dir / "steps.parquet", spec["run_id"], {})
         records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
