@@ -66,7 +66,8 @@ def test_c_positive_finite_and_norms():
         assert c.shape == ((2, HEADS, 1, 8) if form == "col" else (2, HEADS, 11, 1))
         norms = torch.linalg.vector_norm(precondition(o, form), dim=dim)
         raw = torch.linalg.vector_norm(o, dim=dim)
-        assert torch.allclose(norms, target * raw / (raw + 1e-6), rtol=1e-5)  # = target up to the eps
+        n = o.shape[dim]  # C = 1 / sqrt(mean(o^2) + eps^2) = target / sqrt(||o||^2 + n eps^2)
+        assert torch.allclose(norms, target * raw / torch.sqrt(raw ** 2 + n * 1e-12), rtol=1e-5)
         assert torch.allclose(norms, torch.full_like(norms, target), rtol=1e-3)
 
 

@@ -6,10 +6,14 @@ computation to lower the condition number of the "attention matrices". The readi
 shared/papers/precond_attention.md) take that matrix per head and sample to be the head output
 A = softmax(Q K^T / sqrt(d_h)) V, of shape N x d_h, and C a Jacobi (equilibration) scaling of A:
 
-- ``form="col"`` (DEFAULT): A C, C = diag_j( sqrt(N) / (||A[:, j]||_2 + eps) ), d_h x d_h. Every head-output
-  channel gets norm sqrt(N) over the tokens (unit RMS). Van der Sluis: kappa(A C) <= sqrt(d_h) * kappa(A).
-- ``form="row"``: C A, C = diag_i( sqrt(d_h) / (||A[i, :]||_2 + eps) ), N x N. Every token's head output gets
+- ``form="col"`` (DEFAULT): A C, C = diag_j( 1 / sqrt(mean_i A[i, j]^2 + eps^2) ), d_h x d_h, i.e.
+  sqrt(N) / ||A[:, j]||_2 with eps inside the root. Every head-output channel gets norm sqrt(N) over the tokens
+  (unit RMS). Van der Sluis: kappa(A C) <= sqrt(d_h) * kappa(A).
+- ``form="row"``: C A, C = diag_i( 1 / sqrt(mean_j A[i, j]^2 + eps^2) ), N x N. Every token's head output gets
   norm sqrt(d_h).
+
+The reciprocal RMS (``rsqrt`` of a mean of squares) rather than sqrt(N) / (||.|| + eps) is for speed: its backward
+is a few elementwise ops, where ``vector_norm``'s costs ~3x more (benchmarks/bench_precond.py).
 
 Other unknowns are options: ``eps`` (1e-6), and ``detach`` (False: the gradient flows through C; True: C is
 treated as a constant, as an unofficial re-implementation does). C is never materialised: it is a broadcast
@@ -56,12 +60,10 @@ def _norm_dtype(o: torch.Tensor) -> torch.dtype:
 def conditioner(o: torch.Tensor, form: str = "col", eps: float = 1e-6) -> torch.Tensor:
     """The diagonal of C for head outputs ``o`` (..., N, d_h), in float32 or wider: shape (..., 1, d_h) for
     ``col``, (..., N, 1) for ``row``. Positive and finite for any finite ``o`` (eps guards all-zero channels/tokens)."""
+    if form not in FORMS:
+        raise ValueError(f"form: unknown {form!r} (one of {FORMS})")
     o32 = o.to(_norm_dtype(o))
-    if form == "col":
-        return o.shape[-2] ** 0.5 / (torch.linalg.vector_norm(o32, dim=-2, keepdim=True) + eps)
-    if form == "row":
-        return o.shape[-1] ** 0.5 / (torch.linalg.vector_norm(o32, dim=-1, keepdim=True) + eps)
-    raise ValueError(f"form: unknown {form!r} (one of {FORMS})")
+    return torch.rsqrt(o32.square().mean(dim=-2 if form == "col" else -1, keepdim=True) + eps * eps)
 
 
 def precondition(o: torch.Tensor, form: str = "col", eps: float = 1e-6, detach: bool = False) -> torch.Tensor:
