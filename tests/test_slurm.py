@@ -25,7 +25,7 @@ from adaptlab.studies import expected_run_ids
 from conftest import REPO, copy_workflow
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
-TIMEOUT_S = 300
+TIMEOUT_S = 900  # a hang guard, not a speed test: a loaded 2-core machine takes > 300 s
 
 # --- the shims (Python, run by this interpreter) ---------------------------------------------------------------
 # All state lives in $MOCK_SLURM_DIR: sbatch.jsonl (one argv per call), jobs.txt (id|name|state), next_id.
