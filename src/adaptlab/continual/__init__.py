@@ -112,16 +112,21 @@ TABLES = {
 
 
 def _plot_per_task(con, path, column: str, ylabel: str) -> None:
+    from matplotlib import colormaps
+
     from adaptlab.aggregate import panel_axes, save_panels
 
     rows = con.execute(f"SELECT grid, benchmark, model, method, task, {column}_mean FROM continual_tasks "
                        f"ORDER BY ALL").fetchall()
     panels = sorted({r[:3] for r in rows})
+    methods = sorted({r[3] for r in rows})
+    # one colour per method across panels: matplotlib's default cycle has 10 colours, the cpu preset 11 methods
+    colours = {m: f"C{i}" if len(methods) <= 10 else colormaps["tab20"](i % 20) for i, m in enumerate(methods)}
     fig, axes = panel_axes(len(panels), width=5, height=3.6)
     for ax, panel in zip(axes.flat, panels):
         for method in sorted({r[3] for r in rows if r[:3] == panel}):
             pts = [(r[4], r[5]) for r in rows if r[:3] == panel and r[3] == method]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2, label=method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2, label=method, color=colours[method])
         ax.set_title("/".join(panel), fontsize=9)
         ax.set_xlabel("task")
         ax.set_ylabel(ylabel)
