@@ -74,16 +74,23 @@ def _task(data, model, model_cfg: dict, cfg: dict, device, seed: int) -> ImageCl
                                eval_batch_size=cfg["eval_batch_size"], hflip=cfg["hflip"])
 
 
+def start_run(out_dir: str | Path, threads: int,
+              device: str | None = "auto") -> tuple[Path, torch.device | None, float]:
+    """The opening every run shares: its CPU thread count, its directory (created), its device (None when
+    ``device`` is None: CPU-only runs) and its start time for ``wall_seconds``."""
+    set_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir, None if device is None else resolve_device(device), time.perf_counter()
+
+
 def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, device: str = "auto", threads: int = 1,
                  on_step=None) -> dict:
     """Train the backbone from scratch on the source dataset, or load local timm weights (``init: file``).
 
     Writes ``model.safetensors`` (the best-val weights), ``summary.parquet`` and ``steps.parquet``.
     """
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     identity = {"run_id": pretrain_run_id(spec["backbone"]), "kind": "pretrain", "study": "pretrain",
                 "grid": "pretrain", "backbone": spec["backbone"], "dataset": spec["dataset"],
                 "seed": spec["seed"], "lr": spec["train"]["lr"], "optimizer": spec["train"]["optimizer"],
@@ -127,11 +134,7 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
     loss ends the run as ``diverged``; with ``on_error='record'`` an exception ends it as ``failed``. Either way
     the summary is written, so the grid and its aggregation go on.
     """
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     cfg = run["train"]
     identity = {k: run[k] for k in ("run_id", "study", "grid", "backbone", "dataset", "seed", "lr", "optimizer",
                                     "trainable")}

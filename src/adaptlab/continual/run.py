@@ -21,8 +21,7 @@ from adaptlab import records
 from adaptlab.config import config_hash, train_config
 from adaptlab.continual import bench, metrics
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
-from adaptlab.runner import error_text, summary_row
-from adaptlab.train.device import set_threads
+from adaptlab.runner import error_text, start_run, summary_row
 from adaptlab.train.loop import BEST_NAME, FitResult, fit
 from adaptlab.train.optim import build_optimizer
 
@@ -73,10 +72,7 @@ def measure(model, opt_cfg: dict, x_probe: torch.Tensor, x_ntk: torch.Tensor | N
 
 def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error: str = "record") -> dict:
     """Train through the task sequence of ``spec`` (a run's params); write summary and task-metric Parquet."""
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    out_dir, _, t0 = start_run(out_dir, threads)
     g, method = spec["grid_cfg"], spec["method"]
     cfg = fit_config(spec)
     dev = torch.device("cpu")  # tiny models: the CPU is faster than a GPU launch per op

@@ -158,15 +158,10 @@ def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None 
     from safetensors.torch import load_file
 
     from adaptlab.icl.task import ICLTask
-    from adaptlab.runner import error_text, summary_row
-    from adaptlab.train.device import resolve_device, set_threads
+    from adaptlab.runner import error_text, start_run, summary_row
     from adaptlab.train.loop import fit
 
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     cfg = spec["train"]
     identity = {"run_id": spec["run_id"], "kind": spec["kind"], "study": SECTION,
                 "grid": "unimodal" if spec["kind"] == "icl_uni" else "multimodal", "backbone": "icl_decoder",

@@ -332,15 +332,10 @@ def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None,
     from adaptlab.peft.lora import merged_copy
     from adaptlab.peft.methods import TASK_PARTS, apply_method, save_trainable
     from adaptlab.peft.segmentation import load_seg_dataset
-    from adaptlab.runner import error_text, summary_row
-    from adaptlab.train.device import resolve_device, set_threads
+    from adaptlab.runner import error_text, start_run, summary_row
     from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
 
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     cfg, arm, kind = spec["train"], spec["arm"], spec["task"]["kind"]
     is_source = arm["label"] == SOURCE_ARM
     identity = {"run_id": spec["run_id"], "kind": "peft_source" if is_source else "peft", "study": SECTION,

@@ -14,8 +14,7 @@ from adaptlab.plasticity import analysis_run_id, linear_probe_run_id
 from adaptlab.plasticity.analysis import analyse, paired_indices
 from adaptlab.plasticity.linear_probe import features, linear_probe
 from adaptlab.plasticity.tables import RAW_TABLES, SUMMARY_FIELDS
-from adaptlab.runner import error_text, summary_row
-from adaptlab.train.device import resolve_device, set_threads
+from adaptlab.runner import error_text, start_run, summary_row
 from adaptlab.train.tasks import ImageClassification
 
 
@@ -48,10 +47,7 @@ def run_analysis(spec: dict, weights, source_path, target_path, out_dir, *, devi
     """Plasticity of every component of every layer on (source test i, target test i) pairs; writes
     ``plasticity_probe.parquet`` and ``summary.parquet``. ``spec``: backbone, dataset, model, and the
     ``plasticity`` section's n_pairs, fc2_input, radius, batch_size."""
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     run_id = analysis_run_id(spec["backbone"], spec["dataset"])
     model = _backbone(spec, weights, dev)
     source, target = _task(spec, model, source_path, dev), _task(spec, model, target_path, dev)
@@ -69,10 +65,7 @@ def run_analysis(spec: dict, weights, source_path, target_path, out_dir, *, devi
 
 def run_linear_probe(spec: dict, weights, data_path, out_dir, *, device: str = "auto", threads: int = 1) -> dict:
     """Logistic regression on frozen last-block features; best_val_acc / test_acc hold the probe's accuracies."""
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     run_id = linear_probe_run_id(spec["backbone"], spec["dataset"])
     model = None
     try:

@@ -25,8 +25,7 @@ from adaptlab.config import config_hash, train_config
 from adaptlab.data.store import load_dataset
 from adaptlab.models.precond_attention import PreconditionedAttention, condition_number, head_outputs, precondition
 from adaptlab.models.vit import create_vit, load_model_weights
-from adaptlab.runner import error_text, summary_row
-from adaptlab.train.device import resolve_device, set_threads
+from adaptlab.runner import error_text, start_run, summary_row
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
 from adaptlab.train.optim import build_optimizer
 from adaptlab.train.tasks import ImageClassification
@@ -122,11 +121,7 @@ def _at_fraction(values: list[float], frac: float) -> float | None:
 def run_precond(spec: dict, data_path: str | Path, weights: str | Path | None, out_dir: str | Path, *,
                 device: str = "auto", threads: int = 1) -> dict:
     """Train one (phase, arm, seed) of the study; write summary, steps, precond_loss and attention_condition."""
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dev = resolve_device(device)
-    t0 = time.perf_counter()
+    out_dir, dev, t0 = start_run(out_dir, threads, device)
     cfg = spec["train"]
     identity = {"run_id": spec["run_id"], "kind": "precond", "study": "precond", "grid": f"precond_{spec['phase']}",
                 "backbone": spec["backbone"], "dataset": spec["dataset"], "seed": spec["seed"], "lr": cfg["lr"],
@@ -220,10 +215,7 @@ def time_arms(model_cfg: dict, arms: dict[str, dict], *, num_classes: int = 10, 
 
 def run_timing(spec: dict, out_dir: str | Path, *, threads: int = 1) -> dict:
     """The study's timing run: ``time_arms`` on the CPU, written to precond_timing.parquet and a summary."""
-    set_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    out_dir, _, t0 = start_run(out_dir, threads)
     tm = spec["timing"]
     rows = time_arms(spec["model"], spec["arms"], batch_size=tm["batch_size"], steps=tm["steps"], repeats=tm["repeats"])
     table = pa.Table.from_pylist([{"run_id": spec["run_id"], "arm": a, "repeat": r, "sec_per_step": s}
