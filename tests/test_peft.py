@@ -224,6 +224,35 @@ def test_segmentation_task_learns_and_reports_metrics():
     assert set(metrics) == {"mask_ap", "mask_ap50", "miou"} and all(0 <= v <= 1 for v in metrics.values())
 
 
+def test_class_from_mask_reads_the_query_mask_and_stays_frozen_in_peft_arms():
+    from dataclasses import replace
+
+    model = seg_model()
+    assert hasattr(model.head, "mask_class_net")
+    logits, masks = model(X)
+    # the class logits now depend on the predicted masks: change the mask embedding and they move
+    with torch.no_grad():
+        model.head.mask_embed[-1].bias.add_(3.0)
+    logits2, masks2 = model(X)
+    assert not torch.equal(masks, masks2) and not torch.allclose(logits, logits2)
+    # ... but no class gradient reaches the masks (the CNN reads them detached)
+    model.zero_grad()
+    model(X)[0].square().sum().backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.head.mask_embed.parameters())
+    # without it the class logits ignore the mask embedding
+    torch.manual_seed(0)
+    plain = InstanceSegmenter(create_vit(TINY_MODEL, 0), 3, replace(HEAD, class_from_mask=False))
+    before = plain(X)[0]
+    with torch.no_grad():
+        plain.head.mask_embed[-1].bias.add_(3.0)
+    assert torch.equal(before, plain(X)[0])
+    # part of the dense head: trains in partial, frozen with the rest of the dense head in adapter / LoRA arms
+    for arm, trains in ((ARMS[0], False), ({"method": "partial", "last_blocks": 1}, True)):
+        m = seg_model()
+        apply_method(m, arm, "segmentation")
+        assert all(p.requires_grad == trains for p in m.head.mask_class_net.parameters()), arm["method"]
+
+
 def _coco_fixture(root):
     (root / "img").mkdir(parents=True)
     images, anns = [], []

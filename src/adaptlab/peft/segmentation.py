@@ -10,7 +10,14 @@ Hungarian-matched training and COCO mask AP (pycocotools) plus mIoU.
   its cell centre), then ``n_queries`` learned queries through ``dec_layers`` decoder layers (self-attention,
   deformable cross-attention at learned reference points, FFN). Each query predicts a class (plus "no object")
   and a mask = its ``mask_embed`` · per-pixel embeddings (level-0 memory, bilinearly upsampled, plus a strided
-  conv stem on the image at 1 / ``mask_stride`` resolution). Post-norm
+  conv stem on the image at 1 / ``mask_stride`` resolution). With ``class_from_mask`` (the default) a small CNN
+  reads each query's own predicted mask (detached, resized to at most ``class_mask_size``) and adds its feature to
+  the query before the class layer. Why: the ViT grid is coarse (4×4 tokens for 32-pixel images), and a query's
+  deformable sampling points do not depend on the image in a one-layer decoder, so the query alone memorised the
+  training instances' classes (84 % train vs 31 % validation class accuracy of the best-matching query); the
+  mask's geometry is what tells the classes apart and generalises (test mask AP 0.09 → 0.27 at mask stride 2,
+  0.43 at stride 1; source stage, 600 steps). The CNN belongs to the dense head: it trains in the source
+  stage and in full/partial, and stays frozen in the PEFT arms like the rest of the dense head. Post-norm
   layers as in Deformable DETR; FFN layers are named ``linear1``/``linear2`` so that LoRA's ``fc1``/``fc2`` target
   only the ViT MLPs.
 - Loss: Mask2Former-style matching (class prob + mask BCE + dice costs, ``scipy.optimize.linear_sum_assignment``),
@@ -187,6 +194,8 @@ class DenseHeadConfig:
     n_queries: int = 8
     ffn_ratio: float = 2.0
     mask_stride: int = 2  # masks are predicted at image_size / mask_stride
+    class_from_mask: bool = True  # a CNN on each query's predicted mask feeds its class logits
+    class_mask_size: int = 16  # masks are area-pooled to at most this side for that CNN (its cost grows with it)
 
 
 class _FFN(nn.Module):
@@ -250,6 +259,11 @@ class DenseHead(nn.Module):
         # features): ViT tokens alone give masks at patch resolution, too coarse for objects a few patches wide
         self.pixel_stem = nn.Sequential(nn.Conv2d(3, c.dim, 3, stride=c.mask_stride, padding=1), nn.GELU(),
                                         nn.Conv2d(c.dim, c.dim, 1))
+        if c.class_from_mask:
+            self.mask_class_net = nn.Sequential(
+                nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+                nn.MaxPool2d(2), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                nn.Linear(64, c.dim))
         # the task heads: these train in every arm
         self.class_embed = nn.Linear(c.dim, num_classes + 1)
         self.mask_embed = nn.Sequential(nn.Linear(c.dim, c.dim), nn.ReLU(), nn.Linear(c.dim, c.dim))
@@ -278,6 +292,13 @@ class DenseHead(nn.Module):
         stem = self.pixel_stem(image)
         pixel = F.interpolate(pixel, size=stem.shape[-2:], mode="bilinear", align_corners=False) + stem
         masks = torch.einsum("bkd,bdhw->bkhw", self.mask_embed(tgt), pixel)
+        if c.class_from_mask:
+            # detached: the class loss should not bend the masks towards shapes that are easy to classify
+            soft = masks.detach().sigmoid().flatten(0, 1)[:, None]
+            if soft.shape[-1] > c.class_mask_size or soft.shape[-2] > c.class_mask_size:
+                soft = F.adaptive_avg_pool2d(soft, (min(soft.shape[-2], c.class_mask_size),
+                                                    min(soft.shape[-1], c.class_mask_size)))
+            tgt = tgt + self.mask_class_net(soft).view(B, masks.shape[1], -1)
         return self.class_embed(tgt), masks
 
 
