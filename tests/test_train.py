@@ -115,6 +115,23 @@ def test_exception_is_recorded_as_failed_or_raised(tiny_pretrained, tmp_path):
                      device="cpu", on_error="raise")
 
 
+def test_write_run_nulls_a_failed_runs_study_columns_and_rejects_an_incomplete_ok_row(tiny_pretrained, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from adaptlab.records import write_run
+
+    study = [pa.field("study_metric", pa.float64())]
+    failed = run_finetune(make_run(), TINY_MODEL, tiny_pretrained, tmp_path / "missing.safetensors", tmp_path / "a",
+                          device="cpu")
+    write_run(tmp_path / "b", dict(failed), extra_fields=study)
+    summary = read_summary(tmp_path / "b" / "summary.parquet")
+    assert summary["status"] == "failed" and "study_metric" in summary and summary["study_metric"] is None
+    assert pq.read_table(tmp_path / "b" / "steps.parquet").num_rows == 0
+    with pytest.raises(ValueError, match="study_metric"):  # an ok run must say every column
+        write_run(tmp_path / "c", {**failed, "status": "ok"}, extra_fields=study)
+
+
 def test_checkpoint_roundtrip_restores_optimizer_and_rng(tmp_path):
     model = create_vit(TINY_MODEL, 3)
     opt = build_optimizer(model.parameters(), train_config({"optimizer": "adamw"}))

@@ -100,6 +100,18 @@ def write_summary(path: str | Path, row: dict, extra_fields: list[pa.Field] | No
     return table
 
 
+def write_run(out_dir: str | Path, row: dict, log: dict | None = None,
+              extra_fields: list[pa.Field] | None = None) -> dict:
+    """Write a run's records: ``steps.parquet`` (its log; empty for a run that failed before logging), then
+    ``summary.parquet``. A failed run's study columns it never reached are null. Returns ``row``."""
+    if row["status"] == "failed":
+        for f in extra_fields or []:
+            row.setdefault(f.name, None)
+    write_steps(Path(out_dir) / "steps.parquet", row["run_id"], log or {})
+    write_summary(Path(out_dir) / "summary.parquet", row, extra_fields=extra_fields)
+    return row
+
+
 def steps_schema(log_columns) -> pa.Schema:
     base = {f.name for f in STEPS_FIELDS}
     extra = [pa.field(c, pa.float64()) for c in log_columns if c not in base]

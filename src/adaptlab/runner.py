@@ -101,10 +101,8 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
         model = create_vit(spec["model"], num_classes=0)  # headless: every finetuning run adds its own head
         load_pretrained_weights(model, spec["weights"])
         save_model_weights(model, out_dir / MODEL_NAME)
-        records.write_steps(out_dir / "steps.parquet", "pretrain", {})
         row = summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
-        records.write_summary(out_dir / "summary.parquet", row)
-        return row
+        return records.write_run(out_dir, row)
     data = load_dataset(data_path)
     model = create_vit(spec["model"], data.num_classes)
     task = _task(data, model, spec["model"], cfg, dev, spec["seed"])
@@ -112,9 +110,8 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
     if result.best_step is not None:
         model.load_state_dict(load_file(str(out_dir / BEST_NAME)), strict=False)
     save_model_weights(model, out_dir / MODEL_NAME, metadata={"best_step": str(result.best_step)})
-    records.write_steps(out_dir / "steps.parquet", "pretrain", result.log)
-    row = summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
-    records.write_summary(out_dir / "summary.parquet", row)
+    row = records.write_run(out_dir, summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0),
+                            result.log)
     _cleanup(out_dir, keep_best=False)
     return row
 
@@ -154,11 +151,8 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
             raise
         row = summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
                            error=error_text(err))
-        records.write_steps(out_dir / "steps.parquet", run["run_id"], {})
-        records.write_summary(out_dir / "summary.parquet", row)
-        return row
-    records.write_steps(out_dir / "steps.parquet", run["run_id"], result.log)
-    row = summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0)
-    records.write_summary(out_dir / "summary.parquet", row)
+        return records.write_run(out_dir, row)
+    row = records.write_run(out_dir, summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0),
+                            result.log)
     _cleanup(out_dir, keep_best=cfg["keep_weights"])
     return row

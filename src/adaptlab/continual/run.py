@@ -141,7 +141,6 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
                acc_first=sum(accs[:k]) / len(accs[:k]) if accs else None,
                acc_last=sum(accs[-k:]) / len(accs[-k:]) if len(accs) == g["tasks"] else None,
                dead_frac_end=dead[-1] if len(accs) == g["tasks"] else None)
-    records.write_steps(out_dir / "steps.parquet", spec["run_id"], log)
     pq.write_table(pa.Table.from_pylist(table_rows, schema=RAW_SCHEMA), out_dir / "continual_task_metrics.parquet")
-    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
+    records.write_run(out_dir, row, log, extra_fields=SUMMARY_FIELDS)
     return row

@@ -188,7 +188,7 @@ def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None 
             raise
         row = summary_row(identity, cfg, model, None, dev, spec, time.perf_counter() - t0, status="failed",
                           error=error_text(err))
-        row.update(extra, **{f.name: None for f in SUMMARY_FIELDS if f.name not in extra})
+        row.update(extra)
         _write(out_dir, spec, row, {}, evals, None)
         return row
     log = result.log
@@ -216,8 +216,7 @@ def _write(out_dir: Path, spec: dict, row: dict, log: dict, evals: list[dict], m
 
     from adaptlab.train.loop import BEST_NAME, CKPT_NAME
 
-    records.write_steps(out_dir / "steps.parquet", spec["run_id"], log)
-    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
+    records.write_run(out_dir, row, log, extra_fields=SUMMARY_FIELDS)
     table = pa.Table.from_pylist(evals, schema=RAW_TABLES["icl_eval"])
     import pyarrow.parquet as pq
 

@@ -380,16 +380,12 @@ def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None,
             raise
         row = summary_row(identity, cfg, train_model, None, dev, spec, time.perf_counter() - t0, status="failed",
                           error=error_text(err))
-        row.update(extra)
-        records.write_steps(out_dir / "steps.parquet", spec["run_id"], {})
-        records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
+        row = records.write_run(out_dir, {**row, **extra}, extra_fields=SUMMARY_FIELDS)
         if is_source:  # downstream arms need the file; they fail with this run's error recorded here
             raise
         return row
-    records.write_steps(out_dir / "steps.parquet", spec["run_id"], result.log)
     row = summary_row(identity, cfg, train_model, result, dev, spec, time.perf_counter() - t0)
-    row.update(extra)
-    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
+    row = records.write_run(out_dir, {**row, **extra}, result.log, extra_fields=SUMMARY_FIELDS)
     (out_dir / CKPT_NAME).unlink(missing_ok=True)
     (out_dir / BEST_NAME).unlink(missing_ok=True)
     return row

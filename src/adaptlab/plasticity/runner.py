@@ -37,9 +37,7 @@ def _identity(run_id: str, kind: str, spec: dict) -> dict:
 def _write(out_dir: Path, row: dict) -> dict:
     for f in SUMMARY_FIELDS:
         row.setdefault(f.name, None)
-    records.write_steps(out_dir / "steps.parquet", row["run_id"], {})
-    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
-    return row
+    return records.write_run(out_dir, row, extra_fields=SUMMARY_FIELDS)
 
 
 def run_analysis(spec: dict, weights, source_path, target_path, out_dir, *, device: str = "auto",

@@ -155,20 +155,17 @@ def run_precond(spec: dict, data_path: str | Path, weights: str | Path | None, o
             raise
         row = summary_row(identity, cfg, model, None, dev, spec, time.perf_counter() - t0, status="failed",
                           error=error_text(err))
-        row.update({f.name: extra.get(f.name) for f in SUMMARY_FIELDS})
-        records.write_steps(out_dir / "steps.parquet", spec["run_id"], {})
-        records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
-        return row
+        row.update(extra)
+        return records.write_run(out_dir, row, extra_fields=SUMMARY_FIELDS)
     losses = ema(result.log["loss"], spec["ema"])
     pq.write_table(pa.Table.from_pydict({"run_id": [spec["run_id"]] * len(losses), "step": result.log["step"],
                                          "loss": result.log["loss"], "loss_ema": losses}, schema=LOSS_SCHEMA),
                    out_dir / "precond_loss.parquet")
-    records.write_steps(out_dir / "steps.parquet", spec["run_id"], result.log)
     row = summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
     row.update(extra, precond_loss_ema_q1=_at_fraction(losses, 0.25), precond_loss_ema_q2=_at_fraction(losses, 0.5),
                precond_loss_ema_end=_at_fraction(losses, 1.0),
                precond_sec_per_step=statistics.median(intervals) if intervals else None)
-    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
+    records.write_run(out_dir, row, result.log, extra_fields=SUMMARY_FIELDS)
     for name in (CKPT_NAME, BEST_NAME):
         (out_dir / name).unlink(missing_ok=True)
     return row
