@@ -118,6 +118,14 @@ def test_cli_validate_and_runs(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 1
     assert "model.patch_size" in capsys.readouterr().err
+    # a study's own check (here: peft masks too small for the class-from-mask CNN) is a message, not a traceback
+    bad = yaml.safe_load((REPO / "config.yaml").read_text())
+    bad["peft"]["head"]["mask_stride"] = 16
+    (tmp_path / "bad_peft.yaml").write_text(yaml.safe_dump(bad))
+    for cmd in ("validate", "runs"):
+        assert main([cmd, str(tmp_path / "bad_peft.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert "peft.head" in err and "mask_stride 16" in err and "Traceback" not in err
 
 
 def test_backbones_override_the_default_and_grids_pick_one():

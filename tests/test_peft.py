@@ -247,10 +247,13 @@ def test_class_from_mask_reads_the_query_mask_and_stays_frozen_in_peft_arms():
         plain.head.mask_embed[-1].bias.add_(3.0)
     assert torch.equal(before, plain(X)[0])
     # part of the dense head: trains in partial, frozen with the rest of the dense head in adapter / LoRA arms
-    for arm, trains in ((ARMS[0], False), ({"method": "partial", "last_blocks": 1}, True)):
+    for arm, trains in ((ARMS[0], False), (ARMS[1], False), ({"method": "partial", "last_blocks": 1}, True)):
         m = seg_model()
         apply_method(m, arm, "segmentation")
         assert all(p.requires_grad == trains for p in m.head.mask_class_net.parameters()), arm["method"]
+    # masks too small for the CNN's two poolings: a clear error when the model is built, not a crash mid-run
+    with pytest.raises(ValueError, match="mask_stride 8"):
+        InstanceSegmenter(create_vit(TINY_MODEL, 0), 3, replace(HEAD, mask_stride=8))
 
 
 def _coco_fixture(root):

@@ -54,24 +54,38 @@ def _load(path: str):
         return None
 
 
-def _validate(args) -> int:
-    from adaptlab.config import expand_runs
+def _run_ids(path: str) -> tuple[dict, list[str]] | None:
+    """A config and its run ids, after the schema and every study's own checks; None (message printed) if bad."""
+    from adaptlab.config import ConfigError
     from adaptlab.studies import expected_run_ids
 
-    cfg = _load(args.configfile)
+    cfg = _load(path)
     if cfg is None:
+        return None
+    try:
+        return cfg, expected_run_ids(cfg)
+    except (ConfigError, ValueError) as err:  # a study's check (unknown names, sizes that cannot work)
+        print(f"{path}: invalid configuration\n  {err}", file=sys.stderr)
+        return None
+
+
+def _validate(args) -> int:
+    from adaptlab.config import expand_runs
+
+    checked = _run_ids(args.configfile)
+    if checked is None:
         return 1
-    print(f"{args.configfile}: valid, {len(expected_run_ids(cfg))} runs ({len(expand_runs(cfg))} in finetuning grids)")
+    cfg, ids = checked
+    print(f"{args.configfile}: valid, {len(ids)} runs ({len(expand_runs(cfg))} in finetuning grids)")
     return 0
 
 
 def _runs(args) -> int:
-    from adaptlab.studies import expected_run_ids
-
-    cfg = _load(args.configfile)
-    if cfg is None:
+    checked = _run_ids(args.configfile)
+    if checked is None:
         return 1
-    for run_id in expected_run_ids(cfg):
+    _, ids = checked
+    for run_id in ids:
         print(run_id)
     return 0
 

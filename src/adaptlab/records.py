@@ -102,8 +102,8 @@ def write_summary(path: str | Path, row: dict, extra_fields: list[pa.Field] | No
 
 def write_run(out_dir: str | Path, row: dict, log: dict | None = None,
               extra_fields: list[pa.Field] | None = None) -> dict:
-    """Write a run's records: ``steps.parquet`` (its log; empty for a run that failed before logging), then
-    ``summary.parquet``. A failed run's study columns it never reached are null. Returns ``row``."""
+    """Write a run's records: ``steps.parquet`` (its log; the callers pass none for a failed run, so it is
+    empty), then ``summary.parquet``. A failed run's study columns it never reached are null. Returns ``row``."""
     if row["status"] == "failed":
         for f in extra_fields or []:
             row.setdefault(f.name, None)

@@ -302,11 +302,24 @@ class DenseHead(nn.Module):
         return self.class_embed(tgt), masks
 
 
+def check_mask_size(img_size: tuple[int, int], c: DenseHeadConfig) -> None:
+    """The mask CNN halves its input twice: the masks (side ``img_size`` / ``mask_stride`` out of the stem) must
+    have a side of at least 4."""
+    if not c.class_from_mask:
+        return
+    side = min((s - 1) // c.mask_stride + 1 for s in img_size)
+    if min(side, c.class_mask_size) < 4:
+        raise ValueError(f"peft.head: class_from_mask needs masks of side >= 4, but image size {tuple(img_size)} / "
+                         f"mask_stride {c.mask_stride} gives {side} (class_mask_size {c.class_mask_size}); lower "
+                         "mask_stride or set class_from_mask: false")
+
+
 class InstanceSegmenter(nn.Module):
     """A timm ViT (``backbone``, headless) + ``DenseHead`` (``head``) → (class logits (B, K, C+1), mask logits)."""
 
     def __init__(self, backbone: nn.Module, num_classes: int, head_cfg: DenseHeadConfig):
         super().__init__()
+        check_mask_size(tuple(backbone.patch_embed.img_size), head_cfg)
         self.backbone = backbone
         self.head = DenseHead(backbone.embed_dim, num_classes, head_cfg)
 

@@ -87,6 +87,14 @@ def check(cfg: dict) -> None:
         for i, arm in enumerate(task.get("arms") or []):
             if arm not in sec["arms"]:
                 raise ConfigError(f"peft.tasks.{name}.arms[{i}]: unknown arm {arm!r} (declared: {sorted(sec['arms'])})")
+    img_size = backbone_spec(cfg, sec["backbone"])["model"].get("img_size")
+    if img_size and any(t["kind"] == "segmentation" for t in sec["tasks"].values()):
+        from adaptlab.peft.segmentation import check_mask_size, head_config
+
+        try:
+            check_mask_size((img_size, img_size) if isinstance(img_size, int) else tuple(img_size), head_config(sec["head"]))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     for name, arm in sec["arms"].items():
         if arm["method"] == "lora":
             from adaptlab.peft.lora import LoraSpec
