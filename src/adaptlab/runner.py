@@ -152,7 +152,7 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
         row = summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
                            error=error_text(err))
         return records.write_run(out_dir, row)
-    row = records.write_run(out_dir, summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0),
-                            result.log)
+    row = summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0)
+    records.write_run(out_dir, row, result.log)
     _cleanup(out_dir, keep_best=cfg["keep_weights"])
     return row

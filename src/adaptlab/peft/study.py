@@ -89,10 +89,12 @@ def check(cfg: dict) -> None:
                 raise ConfigError(f"peft.tasks.{name}.arms[{i}]: unknown arm {arm!r} (declared: {sorted(sec['arms'])})")
     img_size = backbone_spec(cfg, sec["backbone"])["model"].get("img_size")
     if img_size and any(t["kind"] == "segmentation" for t in sec["tasks"].values()):
+        from timm.layers import to_2tuple
+
         from adaptlab.peft.segmentation import check_mask_size, head_config
 
         try:
-            check_mask_size((img_size, img_size) if isinstance(img_size, int) else tuple(img_size), head_config(sec["head"]))
+            check_mask_size(tuple(to_2tuple(img_size)), head_config(sec["head"]))
         except ValueError as err:
             raise ConfigError(str(err)) from None
     for name, arm in sec["arms"].items():
