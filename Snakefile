@@ -5,6 +5,8 @@
 #   snakemake --profile profiles/slurm --configfile configs/paper.yaml
 from snakemake.utils import min_version
 
+from adaptlab.studies import study_sections
+
 min_version("9.0")
 
 # A preset is a complete config: config.yaml is only read when no --configfile is given, so keys of the
@@ -17,11 +19,12 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/pretrain.smk"
 include: "rules/finetune.smk"
-include: "rules/plasticity.smk"
-include: "rules/continual.smk"
-include: "rules/precond.smk"
-include: "rules/peft.smk"
-include: "rules/icl.smk"
+
+# one rules file per registered study (adaptlab.studies), in the registry's order
+for section in study_sections():
+
+    include: f"rules/{section}.smk"
+
 include: "rules/aggregate.smk"
 
 rule all:

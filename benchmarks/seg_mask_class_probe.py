@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptlab.config import load_config
-from adaptlab.peft.segmentation import build_seg_dataset
+from adaptlab.peft.seg_data import build_seg_dataset
 
 
 def instances(ds, split: str):

@@ -21,6 +21,8 @@ rule aggregate:
             report(f"{RESULTS}/figures/{f}.png", caption="../workflow/report/figure.rst", category="Figures")
             for f in all_figures()
         ],
+    log:
+        RESULTS + "/logs/aggregate.log",
     params:
         expected=EXPECTED,
     script:

@@ -2,13 +2,18 @@
 from snakemake.exceptions import WorkflowError
 
 from adaptlab.aggregate import all_figures, all_tables
-from adaptlab.config import ConfigError, RESULTS, expand_runs, pretrain_run_id, pretrain_spec, stable_json, validate_config
-from adaptlab.studies import expected_run_ids
+from adaptlab.config import (FINETUNE_RUN_ID, ConfigError, RESULTS, expand_runs, pretrain_run_id, pretrain_spec,
+                             stable_json, validate_config)
+from adaptlab.studies import expected_run_ids, run_id, studies
 
 try:
+    # the schema, the cross-references and every study's own check: the same errors as `adaptlab validate`
     CFG = validate_config(config, source=", ".join(map(str, workflow.configfiles)) or "config")
+    STUDIES = {s.SECTION: s for s in studies()}
+    # every study's runs, expanded once per parse: run id -> spec (its job's params)
+    STUDY_SPECS = {name: s.specs(CFG) for name, s in STUDIES.items()}
     # Every run of every study: the aggregate rule waits for each one's summary.parquet.
-    EXPECTED = expected_run_ids(CFG)
+    EXPECTED = expected_run_ids(CFG, STUDY_SPECS)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -26,20 +31,45 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-RUN_DIR = RESULTS + "/runs/{grid}/{dataset}/{trainable}/{optimizer}/lr{lr}/seed{seed}"
+RUN_DIR = RESULTS + "/runs/" + FINETUNE_RUN_ID
 PRETRAIN_DIR = RESULTS + "/runs/" + pretrain_run_id("{backbone}")
-
-
-def run_id(wc):
-    return f"{wc.grid}/{wc.dataset}/{wc.trainable}/{wc.optimizer}/lr{wc.lr}/seed{wc.seed}"
 
 
 def run_params(wc):
     """Every hyperparameter of one run, so that changing one grid value reruns exactly the runs it touches."""
-    rid = run_id(wc)
+    rid = FINETUNE_RUN_ID.format(**dict(wc.items()))
     if rid not in RUNS:
         raise WorkflowError(f"{rid} is not a run of the configured grids")
     return stable_json(RUNS[rid].as_dict())
+
+
+def study_run_dir(section, kind):
+    """The wildcard path of a study's run directory: its run-id pattern (``Study.RUN_IDS``) under results/runs."""
+    return f"{RESULTS}/runs/{STUDIES[section].RUN_IDS[kind]}"
+
+
+def study_spec(section, kind):
+    """An input function: the spec of the ``section`` run of ``kind`` that a job's wildcards name."""
+    study, specs = STUDIES[section], STUDY_SPECS[section]
+
+    def spec(wc):
+        rid = run_id(study, kind, **dict(wc.items()))
+        if rid not in specs:
+            raise WorkflowError(f"{rid} is not a run of the {section} section")
+        return specs[rid]
+
+    return spec
+
+
+def study_params(section, kind):
+    """A params function: the run's spec as stable JSON, so changing one value reruns exactly the runs it touches."""
+    spec = study_spec(section, kind)
+    return lambda wc: stable_json(spec(wc))
+
+
+def job_log(section, kind):
+    """The log file of a study's job: in the run's own directory, next to its records."""
+    return study_run_dir(section, kind) + "/job.log"
 
 
 def dataset_file(name):

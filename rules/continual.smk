@@ -1,17 +1,15 @@
 # Study 5 (adaptlab.continual): continual-learning plasticity benchmark, one job per
 # grid × benchmark × model × method × seed. `snakemake continual_runs` runs this study alone.
-from adaptlab.continual import run_ids as continual_run_ids, run_params as continual_run_params
-
-CONTINUAL_RUNS = continual_run_ids(CFG)
-CONTINUAL_DIR = RESULTS + "/runs/continual/{cgrid}/{cbench}/{cmodel}/{cmethod}/seed{seed}"
 
 
 rule continual_run:
     output:
-        summary=CONTINUAL_DIR + "/summary.parquet",
-        metrics=CONTINUAL_DIR + "/continual_task_metrics.parquet",
+        summary=study_run_dir("continual", "run") + "/summary.parquet",
+        metrics=study_run_dir("continual", "run") + "/continual_task_metrics.parquet",
+    log:
+        job_log("continual", "run"),
     params:
-        spec=lambda wc: continual_run_params(CFG, f"continual/{wc.cgrid}/{wc.cbench}/{wc.cmodel}/{wc.cmethod}/seed{wc.seed}"),
+        spec=study_params("continual", "run"),
         on_error=CFG["finetune"]["on_error"],
     wildcard_constraints:
         cgrid=NAME,
@@ -22,9 +20,9 @@ rule continual_run:
     group:
         "continual"
     script:
-        "../workflow/scripts/continual.py"
+        "../workflow/scripts/continual_run.py"
 
 
 rule continual_runs:
     input:
-        [summary_file(r) for r in CONTINUAL_RUNS],
+        [summary_file(r) for r in STUDY_SPECS["continual"]],

@@ -6,6 +6,8 @@
 rule prepare_data:
     output:
         RESULTS + "/data/{dataset}.safetensors",
+    log:
+        RESULTS + "/logs/prepare_data/{dataset}.log",
     params:
         spec=lambda wc: stable_json(CFG["datasets"][wc.dataset]),
     threads: 1

@@ -6,11 +6,13 @@
 
 rule finetune:
     input:
-        model=lambda wc: backbone_file(RUNS[run_id(wc)].backbone),
+        model=lambda wc: backbone_file(RUNS[FINETUNE_RUN_ID.format(**dict(wc.items()))].backbone),
         data=lambda wc: dataset_file(wc.dataset),
     output:
         summary=RUN_DIR + "/summary.parquet",
         steps=RUN_DIR + "/steps.parquet",
+    log:
+        RUN_DIR + "/job.log",
     params:
         run=run_params,
         device=CFG["device"],

@@ -1,11 +1,6 @@
-# Study 3 (peft): the PEFT grid on classification and instance segmentation (adaptlab.peft.study).
+# Study 3 (peft): the PEFT grid on classification and instance segmentation (adaptlab.peft).
 # Segmentation data → results/peft/data/<name>.safetensors; a segmentation task with a `source` first trains
 # backbone + dense head in full on it (peft/<task>/source); every arm × seed is then one job on the target data.
-from adaptlab.peft.study import SOURCE_ARM, runs as peft_runs, spec_json as peft_json
-
-PEFT = peft_runs(CFG)
-PEFT_RUN_DIR = RESULTS + "/runs/peft/{ptask}/{arm}/seed{seed}"
-PEFT_SOURCE_DIR = RESULTS + "/runs/peft/{ptask}/" + SOURCE_ARM
 
 
 wildcard_constraints:
@@ -18,21 +13,28 @@ def peft_seg_file(name):
     return f"{RESULTS}/peft/data/{name}.safetensors"
 
 
-def peft_spec(rid):
-    if rid not in PEFT:
-        raise WorkflowError(f"{rid} is not a run of the peft section")
-    return PEFT[rid]
+def peft_inputs(kind):
+    """An input function: the backbone, the task's data and (arms of a segmentation task with a source stage) the
+    source stage's weights."""
+    get = study_spec("peft", kind)
 
+    def inputs(wc):
+        spec = get(wc)
+        seg = spec["task"]["kind"] == "segmentation"
+        out = {"backbone": backbone_file(spec["backbone"]),
+               "data": peft_seg_file(spec["dataset"]) if seg else dataset_file(spec["dataset"])}
+        if kind == "arm" and seg and spec["task"]["source"]:
+            out["source"] = study_run_dir("peft", "source").format(ptask=wc.ptask) + "/model.safetensors"
+        return out
 
-def peft_data(spec):
-    if spec["task"]["kind"] == "classification":
-        return dataset_file(spec["dataset"])
-    return peft_seg_file(spec["dataset"])
+    return inputs
 
 
 rule peft_seg_data:
     output:
         RESULTS + "/peft/data/{segdata}.safetensors",
+    log:
+        RESULTS + "/logs/peft_seg_data/{segdata}.log",
     params:
         spec=lambda wc: stable_json(CFG["peft"]["seg_datasets"][wc.segdata]),
     threads: 1
@@ -42,35 +44,30 @@ rule peft_seg_data:
 
 rule peft_source:
     input:
-        backbone=lambda wc: backbone_file(peft_spec(f"peft/{wc.ptask}/{SOURCE_ARM}")["backbone"]),
-        data=lambda wc: peft_data(peft_spec(f"peft/{wc.ptask}/{SOURCE_ARM}")),
+        unpack(peft_inputs("source")),
     output:
-        model=PEFT_SOURCE_DIR + "/model.safetensors",
-        summary=PEFT_SOURCE_DIR + "/summary.parquet",
+        model=study_run_dir("peft", "source") + "/model.safetensors",
+        summary=study_run_dir("peft", "source") + "/summary.parquet",
+    log:
+        job_log("peft", "source"),
     params:
-        spec=lambda wc: peft_json(peft_spec(f"peft/{wc.ptask}/{SOURCE_ARM}")),
+        spec=study_params("peft", "source"),
         device=CFG["device"],
     threads: CFG.get("peft", {}).get("threads", 1)
     script:
         "../workflow/scripts/peft_run.py"
 
 
-def peft_run_inputs(wc):
-    spec = peft_spec(f"peft/{wc.ptask}/{wc.arm}/seed{wc.seed}")
-    out = {"backbone": backbone_file(spec["backbone"]), "data": peft_data(spec)}
-    if spec["task"]["kind"] == "segmentation" and spec["task"]["source"]:
-        out["source"] = f"{RESULTS}/runs/peft/{wc.ptask}/{SOURCE_ARM}/model.safetensors"
-    return out
-
-
 rule peft_run:
     input:
-        unpack(peft_run_inputs),
+        unpack(peft_inputs("arm")),
     output:
-        summary=PEFT_RUN_DIR + "/summary.parquet",
-        steps=PEFT_RUN_DIR + "/steps.parquet",
+        summary=study_run_dir("peft", "arm") + "/summary.parquet",
+        steps=study_run_dir("peft", "arm") + "/steps.parquet",
+    log:
+        job_log("peft", "arm"),
     params:
-        spec=lambda wc: peft_json(peft_spec(f"peft/{wc.ptask}/{wc.arm}/seed{wc.seed}")),
+        spec=study_params("peft", "arm"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],
     threads: CFG.get("peft", {}).get("threads", 1)
@@ -82,4 +79,4 @@ rule peft_run:
 
 rule peft_runs:
     input:
-        [summary_file(r) for r in PEFT],
+        [summary_file(r) for r in STUDY_SPECS["peft"]],

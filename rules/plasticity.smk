@@ -4,30 +4,22 @@
 #   2. the linear-probing baseline on frozen last-block features (the reference of the relative gain).
 # The component-wise finetuning grid itself (one component type trains, plus the head) is an ordinary
 # finetune grid with `study: plasticity` (rules/finetune.smk); the ablation arms are more such grids.
-import adaptlab.plasticity as plasticity
-
-PLASTICITY_RUN_IDS = plasticity.run_ids(CFG)
-
-
-def plasticity_spec(wc):
-    from adaptlab.config import backbone_spec, run_model_config
-
-    return stable_json({**CFG["plasticity"], "backbone": wc.backbone, "dataset": wc.dataset,
-                        "source": plasticity.source_dataset(CFG, wc.backbone),
-                        "model": run_model_config(backbone_spec(CFG, wc.backbone)["model"])})
 
 
 rule plasticity_analysis:
     input:
         model=lambda wc: backbone_file(wc.backbone),
-        source=lambda wc: dataset_file(plasticity.source_dataset(CFG, wc.backbone)),
+        source=lambda wc: dataset_file(study_spec("plasticity", "analysis")(wc)["source"]),
         target=lambda wc: dataset_file(wc.dataset),
     output:
-        summary=RESULTS + "/runs/" + plasticity.analysis_run_id("{backbone}", "{dataset}") + "/summary.parquet",
-        layers=RESULTS + "/runs/" + plasticity.analysis_run_id("{backbone}", "{dataset}") + "/plasticity_probe.parquet",
+        summary=study_run_dir("plasticity", "analysis") + "/summary.parquet",
+        layers=study_run_dir("plasticity", "analysis") + "/plasticity_probe.parquet",
+    log:
+        job_log("plasticity", "analysis"),
     params:
-        spec=plasticity_spec,
+        spec=study_params("plasticity", "analysis"),
         device=CFG["device"],
+        on_error=CFG["finetune"]["on_error"],
     threads: CFG["threads"]["finetune"]
     script:
         "../workflow/scripts/plasticity_analysis.py"
@@ -38,17 +30,20 @@ rule linear_probe:
         model=lambda wc: backbone_file(wc.backbone),
         data=lambda wc: dataset_file(wc.dataset),
     output:
-        summary=RESULTS + "/runs/" + plasticity.linear_probe_run_id("{backbone}", "{dataset}") + "/summary.parquet",
+        summary=study_run_dir("plasticity", "linear_probe") + "/summary.parquet",
+    log:
+        job_log("plasticity", "linear_probe"),
     params:
-        spec=plasticity_spec,
+        spec=study_params("plasticity", "linear_probe"),
         device=CFG["device"],
+        on_error=CFG["finetune"]["on_error"],
     threads: CFG["threads"]["finetune"]
     script:
-        "../workflow/scripts/linear_probe.py"
+        "../workflow/scripts/plasticity_linear_probe.py"
 
 
 rule plasticity_runs:
     """Every run of the study (analysis, linear probes, the finetuning grids with study: plasticity)."""
     input:
-        [summary_file(r) for r in PLASTICITY_RUN_IDS],
+        [summary_file(r) for r in STUDY_SPECS["plasticity"]],
         [summary_file(r) for r, spec in RUNS.items() if spec.study == "plasticity"],

@@ -1,14 +1,14 @@
 # Study 2, preconditioned attention (adaptlab.precond): phase (pretrain from scratch | finetune from the study
 # backbone) × arm (attention config) × seed, each probing kappa of its attention heads, then one interleaved
 # timing run of all arms. `snakemake precond_runs` runs the study alone.
-from adaptlab.precond import TIMING_RUN, run_specs
+from adaptlab.precond import TIMING_RUN
 
-PRECOND = run_specs(CFG)
+PRECOND = STUDY_SPECS["precond"]
 PRECOND_TRAIN = [r for r in PRECOND if r != TIMING_RUN]
 
 
 def precond_inputs(wc):
-    spec = PRECOND[f"precond/{wc.phase}/{wc.arm}/seed{wc.seed}"]
+    spec = study_spec("precond", "train")(wc)
     out = {"data": dataset_file(spec["dataset"])}
     if wc.phase == "finetune":
         out["model"] = backbone_file(spec["backbone"])
@@ -19,9 +19,11 @@ rule precond_train:
     input:
         unpack(precond_inputs),
     output:
-        summary=RESULTS + "/runs/precond/{phase}/{arm}/seed{seed}/summary.parquet",
+        summary=study_run_dir("precond", "train") + "/summary.parquet",
+    log:
+        job_log("precond", "train"),
     params:
-        spec=lambda wc: stable_json(PRECOND[f"precond/{wc.phase}/{wc.arm}/seed{wc.seed}"]),
+        spec=study_params("precond", "train"),
         device=CFG["device"],
     wildcard_constraints:
         phase="pretrain|finetune",
@@ -30,7 +32,7 @@ rule precond_train:
     group:
         "precond"
     script:
-        "../workflow/scripts/precond.py"
+        "../workflow/scripts/precond_run.py"
 
 
 # After the training runs, so that it competes with as few of this study's jobs as possible for the cores.
@@ -39,6 +41,8 @@ rule precond_timing:
         [summary_file(r) for r in PRECOND_TRAIN],
     output:
         summary=summary_file(TIMING_RUN),
+    log:
+        job_log("precond", "timing"),
     params:
         spec=lambda wc: stable_json(PRECOND[TIMING_RUN]),
     threads: PRECOND[TIMING_RUN]["timing"]["threads"] if PRECOND else 1

@@ -14,6 +14,8 @@ rule pretrain:
         model=PRETRAIN_DIR + "/model.safetensors",
         summary=PRETRAIN_DIR + "/summary.parquet",
         steps=PRETRAIN_DIR + "/steps.parquet",
+    log:
+        PRETRAIN_DIR + "/job.log",
     params:
         spec=lambda wc: stable_json(pretrain_spec(CFG, wc.backbone)),
         device=CFG["device"],

@@ -14,7 +14,7 @@ import yaml
 
 from adaptlab.aggregate import aggregate
 from adaptlab.config import ConfigError, expand_runs, train_config, validate_config
-from adaptlab.continual import bench, metrics, run_specs
+from adaptlab.continual import bench, metrics, specs as continual_specs
 from adaptlab.continual.run import run_continual
 from adaptlab.models.vit import create_vit
 from adaptlab.train.adamo import (AdamO, coupled_isometry_loss, gram_deviation, isometry_grad, isometry_param_groups,
@@ -337,7 +337,7 @@ def test_continual_config_errors_name_the_key():
         cfg = copy.deepcopy(MINI)
         edit(cfg["continual"])
         with pytest.raises(ConfigError, match=match):
-            run_specs(validate_config(cfg))
+            continual_specs(validate_config(cfg))
     cfg = copy.deepcopy(MINI)
     cfg["continual"]["methods"]["adamo"]["isometry_lambda"] = -0.5
     with pytest.raises(ConfigError, match="continual.methods.adamo.isometry_lambda"):
@@ -347,7 +347,7 @@ def test_continual_config_errors_name_the_key():
 def test_vit_redo_and_shrink_perturb_runs(tmp_path):
     cfg = copy.deepcopy(MINI)
     cfg["continual"]["grids"] = MORE_GRIDS
-    specs = run_specs(validate_config(cfg))
+    specs = continual_specs(validate_config(cfg))
     for rid, spec in specs.items():
         row = run_continual(spec, tmp_path / rid, on_error="raise")
         assert row["status"] == "ok" and row["n_tasks"] == 2 and 0 <= row["dead_frac_end"] <= 1
@@ -358,7 +358,7 @@ def test_vit_redo_and_shrink_perturb_runs(tmp_path):
 
 
 def test_run_records_a_failure_instead_of_crashing(tmp_path):
-    spec = copy.deepcopy(next(iter(run_specs(validate_config(MINI)).values())))
+    spec = copy.deepcopy(next(iter(continual_specs(validate_config(MINI)).values())))
     spec["model"]["width"] = 0  # not a valid layer size
     row = run_continual(spec, tmp_path, on_error="record")
     assert row["status"] == "failed" and row["error"]
@@ -371,7 +371,7 @@ def test_continual_pipeline_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "configs/mini.yaml",
                            "--", "continual_runs"], cwd=wd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    ids = run_specs(validate_config(MINI))
+    ids = continual_specs(validate_config(MINI))
     assert not aggregate(wd / "results", list(ids))  # every run ok
     with duckdb.connect(str(wd / "results/adaptlab.duckdb"), read_only=True) as con:
         assert {r[0] for r in con.execute("SELECT run_id FROM runs WHERE status = 'ok'").fetchall()} == set(ids)

@@ -16,7 +16,8 @@ from adaptlab.config import ConfigError, validate_config
 from adaptlab.icl.data import ICLWorld, MultimodalWorld, check_params, rng_for
 from adaptlab.icl.metrics import attention_measures, context_label_agreement
 from adaptlab.icl.model import ICLTransformer, apply_rope, rope_angles
-from adaptlab.icl.study import build_model, run_ids, specs
+from adaptlab.icl import specs
+from adaptlab.icl.run import build_model
 from adaptlab.icl.task import ICLTask
 from conftest import copy_workflow
 
@@ -100,13 +101,13 @@ def test_bad_parameters_are_rejected_with_a_clear_message():
     base = _minimal_config(steps=10)
     bad = {**base, "icl": {**base["icl"], "unimodal": {"Ks": [64, 100]}}}
     with pytest.raises(ConfigError, match=r"icl\.unimodal\.Ks\[1\]: .*K=100 must be a positive multiple of L=16"):
-        run_ids(validate_config(bad))
+        specs(validate_config(bad))
     bad = {**base, "icl": {**base["icl"], "data": {**base["icl"]["data"], "B": 3}}}
     with pytest.raises(ConfigError, match=r"icl\..*B=3 must divide"):
-        run_ids(validate_config(bad))
+        specs(validate_config(bad))
     bad = {**base, "icl": {**base["icl"], "multimodal": {"Ks": [24]}}}
     with pytest.raises(ConfigError, match=r"icl\.multimodal\.Ks\[0\]"):
-        run_ids(validate_config(bad))
+        specs(validate_config(bad))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -266,14 +267,14 @@ def _minimal_config(steps=30):
 
 def test_pipeline_end_to_end(tmp_path):
     cfg = _minimal_config()
-    ids = run_ids(validate_config(cfg))
+    ids = specs(validate_config(cfg))
     assert sorted(ids) == sorted(["icl/uni/ape/K32/seed0", "icl/mm/pretrained/K16/seed0", "icl/mm/scratch/K16/seed0"])
     sp = specs(validate_config(cfg))
     # the pretrained arm depends on the unimodal run of the same seed; a stage-1 K outside the grid adds that run
     assert sp["icl/mm/pretrained/K16/seed0"]["stage1"] == "icl/uni/ape/K32/seed0"
     other = validate_config({**cfg, "icl": {**cfg["icl"], "multimodal": {**cfg["icl"]["multimodal"],
                                                                          "stage1": {"scheme": "rope", "K": 64}}}})
-    assert "icl/uni/rope/K64/seed0" in run_ids(other)
+    assert "icl/uni/rope/K64/seed0" in specs(other)
     wd = copy_workflow(tmp_path / "wf")
     (wd / "configs/icl_tiny.yaml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "configs/icl_tiny.yaml"],
@@ -312,7 +313,7 @@ def test_pipeline_end_to_end(tmp_path):
 
 def test_a_failing_run_is_recorded_not_raised(tmp_path):
     from adaptlab import records
-    from adaptlab.icl.study import run_icl
+    from adaptlab.icl.run import run_icl
 
     spec = specs(validate_config(_minimal_config()))["icl/uni/ape/K32/seed0"]
     spec = {**spec, "K": 30}  # not a multiple of L: the generator refuses it inside the run

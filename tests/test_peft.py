@@ -17,11 +17,13 @@ from PIL import Image
 from adaptlab.models.vit import create_vit, load_model_weights
 from adaptlab.peft.adapters import AdapterConfig, adapter_params, attention_modules, inject_adapters
 from adaptlab.peft.deformable import MSDeformAttn, ms_deform_attn_core
+from adaptlab.peft.dense_head import InstanceSegmenter
+from adaptlab.peft.head_config import DenseHeadConfig
 from adaptlab.peft.lora import DEFORMABLE_TARGETS, LoraSpec, inject_lora, lora_params, merged_copy
 from adaptlab.peft.methods import apply_method, load_trainable, save_trainable
-from adaptlab.peft.segmentation import (DenseHeadConfig, InstanceSegmentation, InstanceSegmenter, coco_mask_ap,
-                                        procedural_seg_dataset)
-from adaptlab.peft.study import run_peft
+from adaptlab.peft.seg_data import procedural_seg_dataset
+from adaptlab.peft.seg_task import InstanceSegmentation, coco_mask_ap
+from adaptlab.peft.run import run_peft
 from adaptlab.train.loop import fit
 from conftest import TINY_MODEL, copy_workflow
 
@@ -272,7 +274,7 @@ def _coco_fixture(root):
 
 
 def test_coco_loader_reads_polygons_and_rle_and_names_a_malformed_file(tmp_path):
-    from adaptlab.peft.coco import coco_seg_dataset
+    from adaptlab.peft.seg_data import coco_seg_dataset
 
     root = _coco_fixture(tmp_path)
     ds = coco_seg_dataset("c", {"train_json": str(root / "train.json"), "train_images": str(root / "img"),
@@ -325,12 +327,12 @@ def test_peft_runs_records_and_tables(tmp_path, tiny_data, tiny_pretrained):
     """Every run of a mini grid in process (the DAG runs the same function per job), then the aggregation."""
     from adaptlab.aggregate import aggregate
     from adaptlab.config import validate_config
-    from adaptlab.peft.segmentation import build_seg_dataset, save_seg_dataset
-    from adaptlab.peft.study import runs
+    from adaptlab.peft.seg_data import build_seg_dataset, save_seg_dataset
+    from adaptlab.peft import specs as peft_specs
     from adaptlab.studies import expected_run_ids
 
     cfg = validate_config(_mini_config())
-    specs = runs(cfg)
+    specs = peft_specs(cfg)
     # deformable LoRA only on segmentation: 3 arms × 2 seeds on seg, 1 × 2 on cls, plus the source run
     assert len(specs) == 6 + 2 + 1 and "peft/cls/lora-sampling_offsets+value_proj-r2-a2/seed0" not in specs
     seg_files = {}

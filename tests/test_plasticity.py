@@ -20,7 +20,7 @@ from adaptlab.plasticity.analysis import analyse, paired_indices
 from adaptlab.plasticity.bounds import component_bound, per_head_attention, spectral_norm
 from adaptlab.plasticity.components import COMPONENTS, embed, probe
 from adaptlab.plasticity.estimator import pair_ratios, plasticity, summarise
-from adaptlab.plasticity.runner import run_analysis, run_linear_probe
+from adaptlab.plasticity.run import run_analysis, run_linear_probe
 from adaptlab.plasticity.tables import RAW_TABLES, SUMMARY_FIELDS
 from adaptlab.runner import summary_row
 from adaptlab.studies import expected_run_ids

@@ -207,15 +207,15 @@ def test_config_key_and_backbone_arm():
 
 
 def test_precond_section_errors():
-    from adaptlab.precond import run_ids
+    from adaptlab.precond import specs
 
-    assert not [r for r in run_ids(validate_config(_base_config())) if r.startswith("precond")]
+    assert not [r for r in specs(validate_config(_base_config())) if r.startswith("precond")]
     with pytest.raises(ConfigError, match=r"precond\.finetune\.dataset"):
-        run_ids(validate_config(_base_config(precond={"finetune": {"dataset": "nope"}})))
+        specs(validate_config(_base_config(precond={"finetune": {"dataset": "nope"}})))
     with pytest.raises(ConfigError, match=r"precond\.finetune\.dataset: required"):
-        run_ids(validate_config(_base_config(precond={})))
+        specs(validate_config(_base_config(precond={})))
     with pytest.raises(ConfigError, match=r"precond\.baseline"):
-        run_ids(validate_config(_base_config(precond={"finetune": {"dataset": "tgt"}, "baseline": "timm"})))
+        specs(validate_config(_base_config(precond={"finetune": {"dataset": "tgt"}, "baseline": "timm"})))
     with pytest.raises(ConfigError, match=r"precond\.probe\.every"):
         validate_config(_base_config(precond={"probe": {"every": 0}}))
 
@@ -245,7 +245,7 @@ def study(tmp_path_factory):
     """The precond study at toy size: 2 arms × 2 seeds × 2 phases + timing, run and aggregated in-process."""
     from adaptlab.aggregate import aggregate
     from adaptlab.data.prepare import prepare_dataset
-    from adaptlab.precond import TIMING_RUN, run_specs
+    from adaptlab.precond import TIMING_RUN, specs as precond_specs
     from adaptlab.precond.run import run_precond, run_timing
     from adaptlab.runner import run_pretrain
     from adaptlab.config import pretrain_spec
@@ -262,7 +262,7 @@ def study(tmp_path_factory):
     for name, ds in cfg["datasets"].items():
         prepare_dataset(name, ds, res / "data" / f"{name}.safetensors")
     run_pretrain(pretrain_spec(cfg), res / "data/src.safetensors", res / "runs/pretrain/base", device="cpu")
-    specs = run_specs(cfg)
+    specs = precond_specs(cfg)
     for rid, spec in specs.items():
         if rid == TIMING_RUN:
             run_timing(spec, res / "runs" / rid)

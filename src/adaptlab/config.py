@@ -19,6 +19,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from adaptlab.studies import STUDIES
+
 RESULTS = "results"
 
 # Defaults of the shared training loop; finetune.defaults, then a grid's `train`, override them.
@@ -71,9 +73,9 @@ def schema() -> dict:
     """
     root = resources.files("adaptlab")
     out = yaml.safe_load(root.joinpath("config.schema.yaml").read_text())
-    for frag in sorted(root.joinpath("schemas").iterdir(), key=lambda f: f.name):
-        if frag.name.endswith(".schema.yaml"):
-            out["properties"][frag.name[: -len(".schema.yaml")]] = yaml.safe_load(frag.read_text())
+    for section in STUDIES:  # the registered studies (adaptlab.studies)
+        frag = root.joinpath("schemas", f"{section}.schema.yaml")
+        out["properties"][section] = yaml.safe_load(frag.read_text())
     return out
 
 
@@ -114,7 +116,20 @@ def validate_config(config: dict, source: str = "config") -> dict:
     cfg["model"]["attention"] = {**ATTENTION_DEFAULTS, **cfg["model"]["attention"]}
     cfg["pretrain"] = {**PRETRAIN_DEFAULTS, **cfg["pretrain"]}
     _check_references(cfg, source)
+    _check_studies(cfg, source)
     return cfg
+
+
+def _check_studies(cfg: dict, source: str) -> None:
+    """Every present study section's own cross-checks (``Study.check``), reported like a schema error."""
+    from adaptlab.studies import studies
+
+    for study in studies():
+        if study.SECTION in cfg:
+            try:
+                study.check(cfg)
+            except ConfigError as err:
+                raise ConfigError(f"{source}: invalid configuration\n  {err}") from None
 
 
 def _check_references(cfg: dict, source: str) -> None:
@@ -203,6 +218,10 @@ def format_lr(lr: float) -> str:
     return format(float(lr), "g")
 
 
+# The one owner of a finetuning run's id; rules/finetune.smk uses the same pattern as its wildcard path.
+FINETUNE_RUN_ID = "{grid}/{dataset}/{trainable}/{optimizer}/lr{lr}/seed{seed}"
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One finetuning run: every value it uses, so its identity and its rerun trigger are the same thing."""
@@ -221,7 +240,8 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
-        return f"{self.grid}/{self.dataset}/{self.trainable}/{self.optimizer}/lr{format_lr(self.lr)}/seed{self.seed}"
+        return FINETUNE_RUN_ID.format(grid=self.grid, dataset=self.dataset, trainable=self.trainable,
+                                      optimizer=self.optimizer, lr=format_lr(self.lr), seed=self.seed)
 
     @property
     def run_dir(self) -> str:

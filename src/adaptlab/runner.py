@@ -1,13 +1,20 @@
-"""One run from config to records: build the model and task, call the training loop, write the Parquet files.
+"""The run skeleton every kind of run goes through, and the core runs (pretraining, finetuning grids).
 
-The Snakemake scripts call ``run_pretrain`` and ``run_finetune``; so do the tests and benchmarks.
+``execute`` is the one skeleton: threads, run directory, device and clock; the run's ``body`` (build, ``fit``,
+add its metrics); ``on_error`` (``record``: a failed run is written with status ``failed`` and its error, so
+the grid goes on; ``raise``); ``records.write_run``; checkpoint clean-up. Each study's ``<study>/run.py``
+supplies only the body, so its run function reads like nanoGPT: build, fit, add its metrics.
 """
 from __future__ import annotations
 
 import resource
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
 
 import torch
 from safetensors.torch import load_file
@@ -84,35 +91,61 @@ def start_run(out_dir: str | Path, threads: int,
     return out_dir, None if device is None else resolve_device(device), time.perf_counter()
 
 
-def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, device: str = "auto", threads: int = 1,
-                 on_step=None) -> dict:
-    """Train the backbone from scratch on the source dataset, or load local timm weights (``init: file``).
+@dataclass
+class Run:
+    """What a run's body fills in; ``execute`` turns it into the run's records.
 
-    Writes ``model.safetensors`` (the best-val weights), ``summary.parquet`` and ``steps.parquet``.
+    ``model``/``result``: counted and read for the core summary columns (``summary_row``); ``extra``: the study's
+    summary columns (set the known ones first: a failed run keeps what was set before the error); ``log``: the
+    steps log when it is not ``result.log``; ``tables``: raw tables, name -> (rows, schema), written as
+    ``<name>.parquet`` whether the run ends ok or failed (rows may grow while the body runs); ``after``: what must
+    happen once the records are written, on either path (e.g. a rule's weights output)."""
+
+    out_dir: Path
+    device: torch.device
+    steps_planned: int
+    model: torch.nn.Module | None = None
+    result: FitResult | None = None
+    status: str | None = None
+    extra: dict = field(default_factory=dict)
+    log: dict | None = None
+    tables: dict[str, tuple[list[dict], pa.Schema]] = field(default_factory=dict)
+    after: list[Callable[[], None]] = field(default_factory=list)
+
+
+def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], None], *, steps_planned: int,
+            device: str = "auto", threads: int = 1, on_error: str = "record", extra_fields=(),
+            keep_best: bool = False, reraise: bool = False) -> dict:
+    """Run ``body`` as one run and write its records (``summary.parquet``, ``steps.parquet``, raw tables).
+
+    ``identity``: run_id, kind, study, grid, backbone, dataset, seed, lr, optimizer, trainable. ``spec``: what
+    the run used, recorded as ``config_json``. An exception in ``body`` re-raises with ``on_error='raise'``;
+    otherwise the run is recorded ``failed`` with its error (and, with ``reraise``, raised after that: for runs
+    whose outputs others need). The checkpoint is removed once the run is recorded (kept for a failed one, so
+    a retry resumes); the best-val weights too unless ``keep_best``.
     """
     out_dir, dev, t0 = start_run(out_dir, threads, device)
-    identity = {"run_id": pretrain_run_id(spec["backbone"]), "kind": "pretrain", "study": "pretrain",
-                "grid": "pretrain", "backbone": spec["backbone"], "dataset": spec["dataset"],
-                "seed": spec["seed"], "lr": spec["train"]["lr"], "optimizer": spec["train"]["optimizer"],
-                "trainable": "full"}
-    cfg = spec["train"]
-    torch.manual_seed(spec["seed"])
-    if spec["init"] == "file":
-        model = create_vit(spec["model"], num_classes=0)  # headless: every finetuning run adds its own head
-        load_pretrained_weights(model, spec["weights"])
-        save_model_weights(model, out_dir / MODEL_NAME)
-        row = summary_row(identity, {**cfg, "steps": 0}, model, None, dev, spec, time.perf_counter() - t0, status="ok")
-        return records.write_run(out_dir, row)
-    data = load_dataset(data_path)
-    model = create_vit(spec["model"], data.num_classes)
-    task = _task(data, model, spec["model"], cfg, dev, spec["seed"])
-    result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(spec), on_step=on_step)
-    if result.best_step is not None:
-        model.load_state_dict(load_file(str(out_dir / BEST_NAME)), strict=False)
-    save_model_weights(model, out_dir / MODEL_NAME, metadata={"best_step": str(result.best_step)})
-    row = records.write_run(out_dir, summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0),
-                            result.log)
-    _cleanup(out_dir, keep_best=False)
+    run = Run(out_dir, dev, steps_planned)
+    error, failure = None, None
+    try:
+        body(run)
+    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+        if on_error == "raise":
+            raise
+        run.status, run.result, error, failure = "failed", None, error_text(err), err
+    row = summary_row(identity, {"steps": run.steps_planned}, run.model, run.result, dev, spec,
+                      time.perf_counter() - t0, status=run.status, error=error)
+    row.update(run.extra)
+    for name, (rows, schema) in run.tables.items():
+        records.write_table(pa.Table.from_pylist(rows, schema=schema), out_dir / f"{name}.parquet")
+    log = run.log if run.log is not None else (run.result.log if run.result and not failure else None)
+    records.write_run(out_dir, row, log, extra_fields=list(extra_fields))
+    for step in run.after:
+        step()
+    if failure is None:
+        _cleanup(out_dir, keep_best)
+    elif reraise:
+        raise failure
     return row
 
 
@@ -120,6 +153,40 @@ def _cleanup(out_dir: Path, keep_best: bool) -> None:
     (out_dir / CKPT_NAME).unlink(missing_ok=True)
     if not keep_best:
         (out_dir / BEST_NAME).unlink(missing_ok=True)
+
+
+def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, device: str = "auto", threads: int = 1,
+                 on_step=None) -> dict:
+    """Train the backbone from scratch on the source dataset, or load local timm weights (``init: file``).
+
+    Writes ``model.safetensors`` (the best-val weights), ``summary.parquet`` and ``steps.parquet``. Every
+    finetuning run needs the weights, so a failure raises.
+    """
+    identity = {"run_id": pretrain_run_id(spec["backbone"]), "kind": "pretrain", "study": "pretrain",
+                "grid": "pretrain", "backbone": spec["backbone"], "dataset": spec["dataset"],
+                "seed": spec["seed"], "lr": spec["train"]["lr"], "optimizer": spec["train"]["optimizer"],
+                "trainable": "full"}
+    cfg = spec["train"]
+
+    def body(run: Run) -> None:
+        torch.manual_seed(spec["seed"])
+        if spec["init"] == "file":
+            run.model = create_vit(spec["model"], num_classes=0)  # headless: every finetuning run adds its own head
+            load_pretrained_weights(run.model, spec["weights"])
+            save_model_weights(run.model, run.out_dir / MODEL_NAME)
+            run.steps_planned, run.status = 0, "ok"
+            return
+        data = load_dataset(data_path)
+        run.model = create_vit(spec["model"], data.num_classes)
+        task = _task(data, run.model, spec["model"], cfg, run.device, spec["seed"])
+        run.result = fit(run.model, task, cfg, run.out_dir, device=run.device, config_id=config_hash(spec),
+                         on_step=on_step)
+        if run.result.best_step is not None:
+            run.model.load_state_dict(load_file(str(run.out_dir / BEST_NAME)), strict=False)
+        save_model_weights(run.model, run.out_dir / MODEL_NAME, metadata={"best_step": str(run.result.best_step)})
+
+    return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
+                   on_error="raise")
 
 
 def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_path: str | Path,
@@ -131,28 +198,21 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
     loss ends the run as ``diverged``; with ``on_error='record'`` an exception ends it as ``failed``. Either way
     the summary is written, so the grid and its aggregation go on.
     """
-    out_dir, dev, t0 = start_run(out_dir, threads, device)
     cfg = run["train"]
     identity = {k: run[k] for k in ("run_id", "study", "grid", "backbone", "dataset", "seed", "lr", "optimizer",
                                     "trainable")}
     identity["kind"] = "finetune"
     full_config = {"run": run, "model": model_cfg}
-    model, result = None, None
-    try:
+
+    def body(r: Run) -> None:
         data = load_dataset(data_path)
         torch.manual_seed(run["seed"])  # the new head's init depends on the run's seed
-        model = create_vit(model_cfg, data.num_classes)
-        load_model_weights(model, pretrained_path, skip_head=True)
-        select_trainable(model, run["trainable_patterns"], head=True)
-        task = _task(data, model, model_cfg, cfg, dev, run["seed"])
-        result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(full_config), on_step=on_step)
-    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-        if on_error == "raise":
-            raise
-        row = summary_row(identity, cfg, model, None, dev, full_config, time.perf_counter() - t0, status="failed",
-                           error=error_text(err))
-        return records.write_run(out_dir, row)
-    row = summary_row(identity, cfg, model, result, dev, full_config, time.perf_counter() - t0)
-    records.write_run(out_dir, row, result.log)
-    _cleanup(out_dir, keep_best=cfg["keep_weights"])
-    return row
+        r.model = create_vit(model_cfg, data.num_classes)
+        load_model_weights(r.model, pretrained_path, skip_head=True)
+        select_trainable(r.model, run["trainable_patterns"], head=True)
+        task = _task(data, r.model, model_cfg, cfg, r.device, run["seed"])
+        r.result = fit(r.model, task, cfg, r.out_dir, device=r.device, config_id=config_hash(full_config),
+                       on_step=on_step)
+
+    return execute(identity, full_config, out_dir, body, steps_planned=cfg["steps"], device=device,
+                   threads=threads, on_error=on_error, keep_best=cfg["keep_weights"])

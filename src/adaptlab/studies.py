@@ -1,48 +1,86 @@
-"""The registry of studies: what each one adds to the DAG's records, tables and figures.
+"""The study contract, and the registry of studies that follow it.
 
-A study is a module listed in ``STUDY_MODULES``. It may define any of:
+A study is a config section named in ``STUDIES``, with a schema fragment ``adaptlab/schemas/<section>.schema.yaml``
+and a package ``adaptlab.<section>`` whose ``__init__`` is its surface (``Study`` below). Its run functions live
+in ``adaptlab.<section>.run``; its Snakemake rules in ``rules/<section>.smk`` (the Snakefile includes one per
+registered study); a thin script per rule calls the run function. The schema, the Snakefile, the aggregation
+and the CLI all read this one registry; ``tests/test_studies.py`` checks that every registered study has its
+schema fragment, rules file, test-preset section and SLURM resources.
 
-- ``run_ids(cfg) -> list[str]``: the runs it expects for a validated config (none when its section is
-  absent). Every run writes ``results/runs/<run_id>/summary.parquet`` (``adaptlab.records`` schema plus the
-  study's ``SUMMARY_FIELDS``) and may write ``steps.parquet`` and one ``<name>.parquet`` per ``RAW_TABLES``
-  entry next to it.
-- ``SUMMARY_FIELDS: list[pyarrow.Field]``: the study's extra summary columns.
-- ``RAW_TABLES: dict[str, pyarrow.Schema]``: per-run Parquet files loaded into the DuckDB table of that name
-  (empty, with that schema, when no run wrote one, so the study's SQL always runs).
-- ``TABLES: dict[str, str | callable(con, name)]`` (SQL over ``runs``, ``steps``, raw tables and earlier tables,
-  or a function that creates the table, for statistics SQL lacks) and
-  ``FIGURES: dict[str, callable(con, path)]``.
-
-The aggregation, the Snakefile and the CLI all read this one list, so they agree on what a run is.
+The surface imports no torch, timm, scipy or matplotlib at module level: Snakemake imports it to parse the
+workflow, once per ``snakemake`` call and once per cluster job.
 """
 from __future__ import annotations
 
 import importlib
 from collections import Counter
 from types import ModuleType
+from typing import Callable, Protocol, runtime_checkable
 
-STUDY_MODULES: tuple[str, ...] = (
-    "adaptlab.plasticity",
-    "adaptlab.precond",
-    "adaptlab.peft.study",
-    "adaptlab.icl.study",
-    "adaptlab.continual",
-)
+# The registry, in the papers' order (tables, figures and expected runs are listed in this order).
+STUDIES: tuple[str, ...] = ("plasticity", "precond", "peft", "icl", "continual")
+
+
+@runtime_checkable
+class Study(Protocol):
+    """What every ``adaptlab.<section>`` package defines.
+
+    - ``SECTION``: its config section (and package name).
+    - ``RUN_IDS``: run kind -> run-id pattern, e.g. ``{"run": "continual/{cgrid}/{cbench}/.../seed{seed}"}``. The
+      one owner of the id format: ``run_id`` formats it, and the rules use the same pattern as their wildcard
+      path (``results/runs/<pattern>/summary.parquet``), so ids and paths cannot drift apart.
+    - ``check(cfg)``: the cross-checks a schema cannot express; raises ``ConfigError`` naming the key.
+      ``adaptlab.config.validate_config`` runs it whenever the section is present.
+    - ``specs(cfg) -> {run_id: spec}``: every run the section asks for, each with everything that run uses (its
+      Snakemake params, hence its rerun trigger). Empty when the section is absent.
+    - ``SUMMARY_FIELDS``: the study's extra ``summary.parquet`` columns (``adaptlab.records`` holds the core).
+    - ``RAW_TABLES``: per-run Parquet files (``<name>.parquet`` in the run directory) loaded into the DuckDB
+      table of that name (empty, with that schema, when no run wrote one, so the study's SQL always runs).
+    - ``TABLES``: name -> SQL over ``runs``, ``steps``, raw tables and earlier tables, or callable(con, name)
+      that creates the table (for statistics SQL lacks). ``FIGURES``: name -> callable(con, path).
+    """
+
+    SECTION: str
+    RUN_IDS: dict[str, str]
+    SUMMARY_FIELDS: list
+    RAW_TABLES: dict
+    TABLES: dict[str, str | Callable]
+    FIGURES: dict[str, Callable]
+
+    def check(self, cfg: dict) -> None: ...
+
+    def specs(self, cfg: dict) -> dict[str, dict]: ...
+
+
+def study_sections() -> list[str]:
+    return list(STUDIES)
 
 
 def studies() -> list[ModuleType]:
-    return [importlib.import_module(name) for name in STUDY_MODULES]
+    return [importlib.import_module(f"adaptlab.{section}") for section in study_sections()]
 
 
-def expected_run_ids(cfg: dict) -> list[str]:
-    """Every run the config asks for: the pretraining of each backbone, the finetuning grids, each study's runs."""
+def study(section: str) -> ModuleType:
+    if section not in study_sections():
+        raise KeyError(f"no study {section!r} (registered: {study_sections()})")
+    return importlib.import_module(f"adaptlab.{section}")
+
+
+def run_id(study: ModuleType | Study, kind: str, **fields) -> str:
+    """The run id of one run of ``study``: its ``RUN_IDS[kind]`` pattern filled with ``fields`` (extra fields, such
+    as a rule's other wildcards, are ignored)."""
+    return study.RUN_IDS[kind].format(**fields)
+
+
+def expected_run_ids(cfg: dict, study_specs: dict[str, dict] | None = None) -> list[str]:
+    """Every run the config asks for: the pretraining of each backbone, the finetuning grids, each study's runs
+    (``study_specs``: section -> ``specs(cfg)`` when the caller has them already)."""
     from adaptlab.config import backbone_names, expand_runs, pretrain_run_id
 
     ids = [pretrain_run_id(b) for b in backbone_names(cfg)]
     ids += [r.run_id for r in expand_runs(cfg)]
-    for study in studies():
-        if hasattr(study, "run_ids"):
-            ids += list(study.run_ids(cfg))
+    for s in studies():
+        ids += list(study_specs[s.SECTION] if study_specs is not None else s.specs(cfg))
     dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dupes:
         raise ValueError(f"run ids claimed twice: {dupes[:5]}")

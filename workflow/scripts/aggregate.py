@@ -2,7 +2,9 @@
 from pathlib import Path
 
 from adaptlab.aggregate import aggregate
+from adaptlab.joblog import job_log
 
-not_ok = aggregate(Path(snakemake.output.db).parent, snakemake.params.expected)
-for run_id, status, error in not_ok:
-    print(f"[aggregate] {status}: {run_id}" + (f" ({error.splitlines()[0]})" if error else ""))
+with job_log(snakemake.log[0]):
+    not_ok = aggregate(Path(snakemake.output.db).parent, snakemake.params.expected)
+    for run_id, status, error in not_ok:
+        print(f"[aggregate] {status}: {run_id}" + (f" ({error.splitlines()[0]})" if error else ""))

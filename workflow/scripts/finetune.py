@@ -2,9 +2,11 @@
 import json
 from pathlib import Path
 
+from adaptlab.joblog import job_log
 from adaptlab.runner import run_finetune
 
 p = snakemake.params
 run = json.loads(p.run)
-run_finetune(run, run["model"], snakemake.input.model, snakemake.input.data,
-             Path(snakemake.output.summary).parent, device=p.device, threads=snakemake.threads, on_error=p.on_error)
+with job_log(snakemake.log[0]):
+    run_finetune(run, run["model"], snakemake.input.model, snakemake.input.data, Path(snakemake.output.summary).parent,
+                 device=p.device, threads=snakemake.threads, on_error=p.on_error)

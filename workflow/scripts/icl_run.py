@@ -2,9 +2,11 @@
 import json
 from pathlib import Path
 
-from adaptlab.icl.study import run_icl
+from adaptlab.icl.run import run_icl
+from adaptlab.joblog import job_log
 
-spec = json.loads(snakemake.params.spec)
+p = snakemake.params
 init = list(getattr(snakemake.input, "init", []))
-run_icl(spec, Path(snakemake.output.summary).parent, init_weights=init[0] if init else None,
-        device=snakemake.params.device, threads=snakemake.threads)
+with job_log(snakemake.log[0]):
+    run_icl(json.loads(p.spec), Path(snakemake.output.summary).parent, init_weights=init[0] if init else None,
+            device=p.device, threads=snakemake.threads, on_error=p.on_error)

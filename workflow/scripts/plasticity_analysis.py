@@ -2,8 +2,10 @@
 import json
 from pathlib import Path
 
-from adaptlab.plasticity.runner import run_analysis
+from adaptlab.joblog import job_log
+from adaptlab.plasticity.run import run_analysis
 
-i = snakemake.input
-run_analysis(json.loads(snakemake.params.spec), i.model, i.source, i.target, Path(snakemake.output.summary).parent,
-             device=snakemake.params.device, threads=snakemake.threads)
+i, p = snakemake.input, snakemake.params
+with job_log(snakemake.log[0]):
+    run_analysis(json.loads(p.spec), i.model, i.source, i.target, Path(snakemake.output.summary).parent,
+                 device=p.device, threads=snakemake.threads, on_error=p.on_error)

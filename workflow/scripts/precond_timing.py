@@ -2,6 +2,8 @@
 import json
 from pathlib import Path
 
+from adaptlab.joblog import job_log
 from adaptlab.precond.run import run_timing
 
-run_timing(json.loads(snakemake.params.spec), Path(snakemake.output.summary).parent, threads=snakemake.threads)
+with job_log(snakemake.log[0]):
+    run_timing(json.loads(snakemake.params.spec), Path(snakemake.output.summary).parent, threads=snakemake.threads)

@@ -2,5 +2,7 @@
 import json
 
 from adaptlab.data import prepare_dataset
+from adaptlab.joblog import job_log
 
-prepare_dataset(snakemake.wildcards.dataset, json.loads(snakemake.params.spec), snakemake.output[0])
+with job_log(snakemake.log[0]):
+    prepare_dataset(snakemake.wildcards.dataset, json.loads(snakemake.params.spec), snakemake.output[0])

@@ -1,7 +1,6 @@
 """Study 5: AdamO and the continual-learning plasticity benchmark (config section ``continual``).
 
-Each grid runs benchmarks × models × methods × seeds; run ids are
-``continual/<grid>/<benchmark>/<model>/<method>/seed<k>``. A run (``adaptlab.continual.run``) trains one
+Each grid runs benchmarks × models × methods × seeds; run ids are ``RUN_IDS["run"]``. A run (``adaptlab.continual.run``) trains one
 model through the task sequence with the shared loop and writes, besides ``summary.parquet``, the raw table
 ``continual_task_metrics`` (run × task × layer × metric, long format). SQL tables:
 
@@ -17,10 +16,11 @@ from __future__ import annotations
 
 import re
 
-from adaptlab.config import ConfigError, stable_json
+from adaptlab.config import ConfigError
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
 
 SECTION = "continual"
+RUN_IDS = {"run": "continual/{cgrid}/{cbench}/{cmodel}/{cmethod}/seed{seed}"}
 RAW_TABLES = {"continual_task_metrics": RAW_SCHEMA}
 
 
@@ -55,11 +55,10 @@ def check(cfg: dict) -> None:
                     raise ConfigError(f"continual.models.{m}.patch_size: must divide the 8×8 digits")
 
 
-def run_specs(cfg: dict) -> dict[str, dict]:
+def specs(cfg: dict) -> dict[str, dict]:
     """run id → every value the run uses (its Snakemake params)."""
     if SECTION not in cfg:
         return {}
-    check(cfg)
     sec, out = cfg[SECTION], {}
     for gname, grid in sec["grids"].items():
         grid_cfg = {k: v for k, v in grid.items() if k not in ("benchmarks", "models", "methods", "seeds")}
@@ -67,20 +66,12 @@ def run_specs(cfg: dict) -> dict[str, dict]:
             for m in grid["models"]:
                 for meth in grid["methods"]:
                     for seed in grid["seeds"]:
-                        rid = f"{SECTION}/{gname}/{b}/{m}/{meth}/seed{seed}"
+                        rid = RUN_IDS["run"].format(cgrid=gname, cbench=b, cmodel=m, cmethod=meth, seed=seed)
                         out[rid] = {"run_id": rid, "grid": gname, "seed": int(seed), "grid_cfg": grid_cfg,
                                     "benchmark_name": b, "benchmark": sec["benchmarks"][b],
                                     "model_name": m, "model": sec["models"][m],
                                     "method_name": meth, "method": sec["methods"][meth]}
     return out
-
-
-def run_ids(cfg: dict) -> list[str]:
-    return list(run_specs(cfg))
-
-
-def run_params(cfg: dict, run_id: str) -> str:
-    return stable_json(run_specs(cfg)[run_id])
 
 
 KEYS = "grid, benchmark, model, method"

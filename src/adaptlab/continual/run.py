@@ -17,11 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from adaptlab import records
 from adaptlab.config import config_hash, train_config
 from adaptlab.continual import bench, metrics
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
-from adaptlab.runner import error_text, start_run, summary_row
+from adaptlab.runner import Run, execute
 from adaptlab.train.loop import BEST_NAME, FitResult, fit
 from adaptlab.train.optim import build_optimizer
 
@@ -72,27 +71,30 @@ def measure(model, opt_cfg: dict, x_probe: torch.Tensor, x_ntk: torch.Tensor | N
 
 def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error: str = "record") -> dict:
     """Train through the task sequence of ``spec`` (a run's params); write summary and task-metric Parquet."""
-    out_dir, _, t0 = start_run(out_dir, threads)
     g, method = spec["grid_cfg"], spec["method"]
     cfg = fit_config(spec)
-    dev = torch.device("cpu")  # tiny models: the CPU is faster than a GPU launch per op
     identity = {"run_id": spec["run_id"], "kind": "continual", "study": "continual", "grid": spec["grid"],
                 "backbone": spec["model_name"], "dataset": spec["benchmark_name"], "seed": spec["seed"],
                 "lr": cfg["lr"], "optimizer": cfg["optimizer"], "trainable": "full"}
-    taus = (0.0, 0.025, 0.1)
-    table_rows: list[dict] = []
-    accs, dead, log = [], [], {"step": [], "loss": [], "lr": [], "grad_norm": []}
-    model, status, error, last = None, "ok", None, None
-    try:
+    k = g["summary_tasks"]
+
+    def body(run: Run) -> None:
+        taus = (0.0, 0.025, 0.1)
+        table_rows: list[dict] = []
+        run.tables["continual_task_metrics"] = (table_rows, RAW_SCHEMA)
+        accs, dead, log = [], [], {"step": [], "loss": [], "lr": [], "grad_norm": []}
+        run.log, run.status = log, "ok"
+        run.extra.update(method=spec["method_name"], summary_tasks=k, n_tasks=0, acc_first=None, acc_last=None,
+                         dead_frac_end=None)
         seed = spec["seed"]
         x, _, side = bench.load_inputs(spec["benchmark"], seed)
         classes = g["classes"] if spec["benchmark"]["labels"] == "random" else 10
         torch.manual_seed(seed)
-        model = bench.build_model(spec["model"], x.shape[1], side, classes)
+        run.model = model = bench.build_model(spec["model"], x.shape[1], side, classes)
         opt = build_optimizer(list(model.named_parameters()), cfg)
         reg = bench.make_regulariser(method, model, cfg["isometry_patterns"], cfg["isometry_exclude"])
-        fit_dir = out_dir / "fit"
-        masks = {}
+        fit_dir = run.out_dir / "fit"
+        masks, last = {}, None
         for t, (y, perm) in enumerate(bench.task_sequence(spec["benchmark"], seed, g["tasks"], classes)):
             if t > 0 and (method["shrink"] is not None or method["redo_tau"] is not None):
                 torch.manual_seed(seed * 1_000 + t)
@@ -102,14 +104,19 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
                 if method["redo_tau"] is not None:
                     bench.redo_reset(model, fresh, opt, masks.get(f"{method['redo_tau']:g}", {}))
             task = bench.ContinualTask(x, y, perm, seed, t, side, reg)
-            last = fit(model, task, cfg, fit_dir, device=dev, config_id=config_hash([spec, t]), optimizer=opt)
+            last = fit(model, task, cfg, fit_dir, device=run.device, config_id=config_hash([spec, t]), optimizer=opt)
             n_before, n_new = len(log["step"]), len(last.log["step"])
             for key in set(log) | set(last.log):  # val_* columns exist only in some logs: pad with NaN
                 vals = last.log.get(key, [math.nan] * n_new)
                 log.setdefault(key, [math.nan] * n_before).extend(
                     [v + t * g["steps"] for v in vals] if key == "step" else vals)
+            # the loop's result of the whole sequence so far: its last task's metrics, the steps of all tasks
+            wall = time.perf_counter() - t0
+            run.result = FitResult(status=last.status, steps_done=len(log["step"]), best_step=None,
+                                   best_val=last.best_val, test=last.test, final_loss=last.final_loss, log=log,
+                                   elapsed_seconds=wall, steps_this_process=len(log["step"]), seconds_this_process=wall)
             if last.status != "ok":
-                status = last.status
+                run.status = last.status
                 break
             probe = task.x[: g["probe"]]
             do_ntk = g["ntk_every"] and (t % g["ntk_every"] == 0 or t == g["tasks"] - 1)
@@ -118,29 +125,17 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
             rows += [("all", "acc", last.best_val["acc"]), ("all", "loss", last.best_val["loss"]),
                      ("all", "online_acc", sum(task.online) / len(task.online))]
             accs.append(last.best_val["acc"])
-            dead.append(next(v for l, k, v in rows if l == "all" and k == "dead"))
+            dead.append(next(v for l, k_, v in rows if l == "all" and k_ == "dead"))
             table_rows += [{"run_id": spec["run_id"], "grid": spec["grid"], "benchmark": spec["benchmark_name"],
                             "model": spec["model_name"], "method": spec["method_name"], "seed": seed, "task": t,
                             "layer": layer, "metric": key, "value": float(val)} for layer, key, val in rows]
+            done = len(accs) == g["tasks"]
+            run.extra.update(n_tasks=len(accs), acc_first=sum(accs[:k]) / len(accs[:k]),
+                             acc_last=sum(accs[-k:]) / len(accs[-k:]) if done else None,
+                             dead_frac_end=dead[-1] if done else None)
         (fit_dir / BEST_NAME).unlink(missing_ok=True)
-    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-        if on_error == "raise":
-            raise
-        status, error = "failed", error_text(err)
-    k = g["summary_tasks"]
-    wall = time.perf_counter() - t0
-    steps_done = len(log["step"])
-    result = None
-    if last is not None:
-        result = FitResult(status=status, steps_done=steps_done, best_step=None, best_val=last.best_val,
-                           test=last.test, final_loss=last.final_loss, log=log, elapsed_seconds=wall,
-                           steps_this_process=steps_done, seconds_this_process=wall)
-    row = summary_row(identity, {**cfg, "steps": g["steps"] * g["tasks"]}, model, result, dev, spec, wall,
-                      status=status, error=error)
-    row.update(method=spec["method_name"], n_tasks=len(accs), summary_tasks=k,
-               acc_first=sum(accs[:k]) / len(accs[:k]) if accs else None,
-               acc_last=sum(accs[-k:]) / len(accs[-k:]) if len(accs) == g["tasks"] else None,
-               dead_frac_end=dead[-1] if len(accs) == g["tasks"] else None)
-    pq.write_table(pa.Table.from_pylist(table_rows, schema=RAW_SCHEMA), out_dir / "continual_task_metrics.parquet")
-    records.write_run(out_dir, row, log, extra_fields=SUMMARY_FIELDS)
-    return row
+
+    t0 = time.perf_counter()
+    # tiny models: the CPU is faster than a GPU launch per op
+    return execute(identity, spec, out_dir, body, steps_planned=g["steps"] * g["tasks"], device="cpu",
+                   threads=threads, on_error=on_error, extra_fields=SUMMARY_FIELDS)

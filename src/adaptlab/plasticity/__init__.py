@@ -10,51 +10,43 @@ Settings live in the config section ``plasticity`` (schema: ``schemas/plasticity
 """
 from __future__ import annotations
 
+from adaptlab.config import ConfigError, backbone_spec, run_model_config
 from adaptlab.plasticity.tables import FIGURES, RAW_TABLES, SUMMARY_FIELDS, TABLES
 
-__all__ = ["FIGURES", "RAW_TABLES", "SUMMARY_FIELDS", "TABLES", "run_ids", "study_pairs", "source_dataset", "check"]
-
-STUDY = "plasticity"
+SECTION = "plasticity"
+RUN_IDS = {"analysis": "plasticity/analysis/{backbone}/{dataset}",
+           "linear_probe": "plasticity/linear_probe/{backbone}/{dataset}"}
 
 
 def study_pairs(cfg: dict) -> list[tuple[str, str]]:
     """(backbone, dataset) of every finetuning grid of the study, in config order, without repeats."""
     pairs = []
     for grid in cfg["finetune"]["grids"].values():
-        if grid["study"] == STUDY:
+        if grid["study"] == SECTION:
             pairs += [(grid["backbone"], ds) for ds in grid["datasets"] if (grid["backbone"], ds) not in pairs]
     return pairs
 
 
 def source_dataset(cfg: dict, backbone: str) -> str:
     """The pretraining-distribution side of the pairs: ``plasticity.source`` or the backbone's pretrain dataset."""
-    from adaptlab.config import backbone_spec
-
-    return cfg[STUDY].get("source") or backbone_spec(cfg, backbone)["pretrain"]["dataset"]
+    return cfg[SECTION].get("source") or backbone_spec(cfg, backbone)["pretrain"]["dataset"]
 
 
-def check(cfg: dict, source: str = "config") -> None:
-    from adaptlab.config import ConfigError
-
-    if STUDY not in cfg:
-        return
+def check(cfg: dict) -> None:
     for backbone, _ in study_pairs(cfg):
         src = source_dataset(cfg, backbone)
         if src not in cfg["datasets"]:
-            raise ConfigError(f"{source}: plasticity.source: unknown dataset {src!r} (declared: {sorted(cfg['datasets'])})")
+            raise ConfigError(f"plasticity.source: unknown dataset {src!r} (declared: {sorted(cfg['datasets'])})")
 
 
-def analysis_run_id(backbone: str, dataset: str) -> str:
-    return f"{STUDY}/analysis/{backbone}/{dataset}"
-
-
-def linear_probe_run_id(backbone: str, dataset: str) -> str:
-    return f"{STUDY}/linear_probe/{backbone}/{dataset}"
-
-
-def run_ids(cfg: dict) -> list[str]:
-    if STUDY not in cfg:
-        return []
-    check(cfg)
-    pairs = study_pairs(cfg)
-    return [analysis_run_id(*p) for p in pairs] + [linear_probe_run_id(*p) for p in pairs]
+def specs(cfg: dict) -> dict[str, dict]:
+    """The analysis and the linear probe of every (backbone, dataset) pair; both use the same spec."""
+    if SECTION not in cfg:
+        return {}
+    out = {}
+    for kind in RUN_IDS:
+        for backbone, dataset in study_pairs(cfg):
+            out[RUN_IDS[kind].format(backbone=backbone, dataset=dataset)] = {
+                **cfg[SECTION], "backbone": backbone, "dataset": dataset, "source": source_dataset(cfg, backbone),
+                "model": run_model_config(backbone_spec(cfg, backbone)["model"])}
+    return out

@@ -2,7 +2,7 @@
 
 Config section ``precond`` (schema: adaptlab/schemas/precond.schema.yaml). For every phase (``pretrain``: from
 scratch on a source dataset; ``finetune``: from the study backbone's weights), arm (an attention config) and
-seed there is one run ``precond/<phase>/<arm>/seed<seed>``; one more run ``precond/timing`` measures the time
+seed there is one run ``RUN_IDS["train"]``; one more run ``RUN_IDS["timing"]`` measures the time
 per step of every arm interleaved. Raw tables: ``attention_condition`` (kappa per layer, head and probe step),
 ``precond_loss`` (train loss and its EMA per step), ``precond_timing``. SQL tables: ``precond_runs`` (one row a
 run) and ``precond_summary`` (one row per phase and arm: mean ± std over seeds). Figures: loss curves and mean
@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptlab.config import ConfigError, backbone_names, backbone_spec, pretrain_spec, train_config
-from adaptlab.precond.run import CONDITION_SCHEMA, LOSS_SCHEMA, SUMMARY_FIELDS, TIMING_SCHEMA
+from adaptlab.precond.schema import CONDITION_SCHEMA, LOSS_SCHEMA, SUMMARY_FIELDS, TIMING_SCHEMA
 
 SECTION = "precond"
-TIMING_RUN = "precond/timing"
+RUN_IDS = {"train": "precond/{phase}/{arm}/seed{seed}", "timing": "precond/timing"}
+TIMING_RUN = RUN_IDS["timing"]
 
 RAW_TABLES = {"attention_condition": CONDITION_SCHEMA, "precond_loss": LOSS_SCHEMA, "precond_timing": TIMING_SCHEMA}
 
@@ -37,11 +38,10 @@ def check(cfg: dict) -> None:
         raise ConfigError(f"precond.seeds: duplicate values {sec['seeds']}")
 
 
-def run_specs(cfg: dict) -> dict[str, dict]:
+def specs(cfg: dict) -> dict[str, dict]:
     """run id → every value that run uses (its Snakemake params). Empty when the section is absent."""
     if SECTION not in cfg:
         return {}
-    check(cfg)
     sec = cfg[SECTION]
     bb = backbone_spec(cfg, sec["backbone"])
     specs = {}
@@ -54,7 +54,7 @@ def run_specs(cfg: dict) -> dict[str, dict]:
             train = train_config(cfg["finetune"].get("defaults"), sec["finetune"]["train"])
         for arm, attention in sec["arms"].items():
             for seed in sec["seeds"]:
-                rid = f"{SECTION}/{phase}/{arm}/seed{seed}"
+                rid = RUN_IDS["train"].format(phase=phase, arm=arm, seed=seed)
                 specs[rid] = {
                     "run_id": rid, "phase": phase, "arm": arm, "baseline": sec["baseline"], "seed": int(seed),
                     "backbone": sec["backbone"], "dataset": dataset,
@@ -66,10 +66,6 @@ def run_specs(cfg: dict) -> dict[str, dict]:
                          "timing": sec["timing"], "baseline": sec["baseline"],
                          "arms": {a: {**bb["model"]["attention"], **att} for a, att in sec["arms"].items()}}
     return specs
-
-
-def run_ids(cfg: dict) -> list[str]:
-    return list(run_specs(cfg))
 
 
 _RUNS = "(SELECT * FROM runs WHERE kind = 'precond')"

@@ -20,35 +20,15 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from adaptlab import records
 from adaptlab.config import config_hash, train_config
 from adaptlab.data.store import load_dataset
 from adaptlab.models.precond_attention import PreconditionedAttention, condition_number, head_outputs, precondition
 from adaptlab.models.vit import create_vit, load_model_weights
-from adaptlab.runner import error_text, start_run, summary_row
-from adaptlab.train.loop import BEST_NAME, CKPT_NAME, fit
+from adaptlab.precond.schema import CONDITION_SCHEMA, LOSS_SCHEMA, SUMMARY_FIELDS, TIMING_SCHEMA
+from adaptlab.runner import Run, execute
+from adaptlab.train.loop import fit
 from adaptlab.train.optim import build_optimizer
 from adaptlab.train.tasks import ImageClassification
-
-CONDITION_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False), pa.field("step", pa.int64()), pa.field("layer", pa.int64()),
-    pa.field("head", pa.int64()), pa.field("kappa_pre", pa.float64()), pa.field("kappa_post", pa.float64()),
-])
-LOSS_SCHEMA = pa.schema([pa.field("run_id", pa.string(), nullable=False), pa.field("step", pa.int64()),
-                         pa.field("loss", pa.float64()), pa.field("loss_ema", pa.float64())])
-TIMING_SCHEMA = pa.schema([pa.field("run_id", pa.string(), nullable=False), pa.field("arm", pa.string()),
-                           pa.field("repeat", pa.int64()), pa.field("sec_per_step", pa.float64())])
-SUMMARY_FIELDS = [
-    pa.field("precond_phase", pa.string()),
-    pa.field("precond_arm", pa.string()),
-    pa.field("precond_is_baseline", pa.bool_()),
-    pa.field("precond_loss_ema_q1", pa.float64()),  # EMA train loss after 25 % of the steps
-    pa.field("precond_loss_ema_q2", pa.float64()),  # ... 50 %
-    pa.field("precond_loss_ema_end", pa.float64()),  # ... at the last step
-    pa.field("precond_threshold_factor", pa.float64()),
-    pa.field("precond_sec_per_step", pa.float64()),  # median step interval of this run (probe/eval excluded)
-]
-
 
 @torch.no_grad()
 def attention_kappas(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[int, int, float, float]]:
@@ -121,54 +101,46 @@ def _at_fraction(values: list[float], frac: float) -> float | None:
 def run_precond(spec: dict, data_path: str | Path, weights: str | Path | None, out_dir: str | Path, *,
                 device: str = "auto", threads: int = 1) -> dict:
     """Train one (phase, arm, seed) of the study; write summary, steps, precond_loss and attention_condition."""
-    out_dir, dev, t0 = start_run(out_dir, threads, device)
     cfg = spec["train"]
     identity = {"run_id": spec["run_id"], "kind": "precond", "study": "precond", "grid": f"precond_{spec['phase']}",
                 "backbone": spec["backbone"], "dataset": spec["dataset"], "seed": spec["seed"], "lr": cfg["lr"],
                 "optimizer": cfg["optimizer"], "trainable": "full"}
-    extra = {"precond_phase": spec["phase"], "precond_arm": spec["arm"],
-             "precond_is_baseline": spec["arm"] == spec["baseline"],
-             "precond_threshold_factor": spec["threshold_factor"]}
-    model, result, intervals = None, None, []
-    try:
+
+    def body(run: Run) -> None:
+        run.extra.update(precond_phase=spec["phase"], precond_arm=spec["arm"],
+                         precond_is_baseline=spec["arm"] == spec["baseline"],
+                         precond_threshold_factor=spec["threshold_factor"])
         data = load_dataset(data_path)
         torch.manual_seed(spec["seed"])  # same seed, same init in every arm (C has no parameters)
-        model = create_vit(spec["model"], data.num_classes)
+        run.model = model = create_vit(spec["model"], data.num_classes)
         if spec["phase"] == "finetune":
             load_model_weights(model, weights, skip_head=True)  # strict on the backbone: no new parameters
-        task = ImageClassification(data, model.patch_embed.img_size[0], dev, spec["seed"], mean=spec["model"]["mean"],
-                                   std=spec["model"]["std"], eval_batch_size=cfg["eval_batch_size"], hflip=cfg["hflip"])
+        task = ImageClassification(data, model.patch_embed.img_size[0], run.device, spec["seed"],
+                                   mean=spec["model"]["mean"], std=spec["model"]["std"],
+                                   eval_batch_size=cfg["eval_batch_size"], hflip=cfg["hflip"])
         probe_x = task._prepare(task._x["val"][:spec["probe"]["batch_size"]])
-        probe = ConditionProbe(model.to(dev), probe_x, spec["probe"]["every"], out_dir / "attention_condition.parquet",
-                               spec["run_id"])
+        probe = ConditionProbe(model.to(run.device), probe_x, spec["probe"]["every"],
+                               run.out_dir / "attention_condition.parquet", spec["run_id"])
         probe(0)
-        last = [time.perf_counter()]
+        last, intervals = [time.perf_counter()], []
 
         def on_step(step: int) -> None:
             intervals.append(time.perf_counter() - last[0])
             probe(step)
             last[0] = time.perf_counter()
 
-        result = fit(model, task, cfg, out_dir, device=dev, config_id=config_hash(spec), on_step=on_step)
-    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-        if spec.get("on_error") == "raise":
-            raise
-        row = summary_row(identity, cfg, model, None, dev, spec, time.perf_counter() - t0, status="failed",
-                          error=error_text(err))
-        row.update(extra)
-        return records.write_run(out_dir, row, extra_fields=SUMMARY_FIELDS)
-    losses = ema(result.log["loss"], spec["ema"])
-    pq.write_table(pa.Table.from_pydict({"run_id": [spec["run_id"]] * len(losses), "step": result.log["step"],
-                                         "loss": result.log["loss"], "loss_ema": losses}, schema=LOSS_SCHEMA),
-                   out_dir / "precond_loss.parquet")
-    row = summary_row(identity, cfg, model, result, dev, spec, time.perf_counter() - t0)
-    row.update(extra, precond_loss_ema_q1=_at_fraction(losses, 0.25), precond_loss_ema_q2=_at_fraction(losses, 0.5),
-               precond_loss_ema_end=_at_fraction(losses, 1.0),
-               precond_sec_per_step=statistics.median(intervals) if intervals else None)
-    records.write_run(out_dir, row, result.log, extra_fields=SUMMARY_FIELDS)
-    for name in (CKPT_NAME, BEST_NAME):
-        (out_dir / name).unlink(missing_ok=True)
-    return row
+        run.result = fit(model, task, cfg, run.out_dir, device=run.device, config_id=config_hash(spec),
+                         on_step=on_step)
+        losses = ema(run.result.log["loss"], spec["ema"])
+        run.tables["precond_loss"] = ([{"run_id": spec["run_id"], "step": st, "loss": l, "loss_ema": e}
+                                       for st, l, e in zip(run.result.log["step"], run.result.log["loss"], losses)],
+                                      LOSS_SCHEMA)
+        run.extra.update(precond_loss_ema_q1=_at_fraction(losses, 0.25), precond_loss_ema_q2=_at_fraction(losses, 0.5),
+                         precond_loss_ema_end=_at_fraction(losses, 1.0),
+                         precond_sec_per_step=statistics.median(intervals) if intervals else None)
+
+    return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
+                   on_error=spec.get("on_error", "record"), extra_fields=SUMMARY_FIELDS)
 
 
 def time_arms(model_cfg: dict, arms: dict[str, dict], *, num_classes: int = 10, batch_size: int = 64,
@@ -212,17 +184,18 @@ def time_arms(model_cfg: dict, arms: dict[str, dict], *, num_classes: int = 10, 
 
 def run_timing(spec: dict, out_dir: str | Path, *, threads: int = 1) -> dict:
     """The study's timing run: ``time_arms`` on the CPU, written to precond_timing.parquet and a summary."""
-    out_dir, _, t0 = start_run(out_dir, threads)
     tm = spec["timing"]
-    rows = time_arms(spec["model"], spec["arms"], batch_size=tm["batch_size"], steps=tm["steps"], repeats=tm["repeats"])
-    table = pa.Table.from_pylist([{"run_id": spec["run_id"], "arm": a, "repeat": r, "sec_per_step": s}
-                                  for a, r, s in rows], schema=TIMING_SCHEMA)
-    pq.write_table(table, out_dir / "precond_timing.parquet")
     identity = {"run_id": spec["run_id"], "kind": "precond_timing", "study": "precond", "grid": "precond_timing",
                 "backbone": spec["backbone"], "dataset": None, "seed": 0, "lr": None, "optimizer": "adamw",
                 "trainable": "full"}
-    cfg = {"steps": tm["steps"] * tm["repeats"] * len(spec["arms"])}
-    row = summary_row(identity, cfg, None, None, torch.device("cpu"), spec, time.perf_counter() - t0, status="ok")
-    row.update({f.name: None for f in SUMMARY_FIELDS})
-    records.write_summary(out_dir / "summary.parquet", row, extra_fields=SUMMARY_FIELDS)
-    return row
+
+    def body(run: Run) -> None:
+        run.status = "ok"
+        run.extra.update({f.name: None for f in SUMMARY_FIELDS})
+        rows = time_arms(spec["model"], spec["arms"], batch_size=tm["batch_size"], steps=tm["steps"],
+                         repeats=tm["repeats"])
+        run.tables["precond_timing"] = ([{"run_id": spec["run_id"], "arm": a, "repeat": r, "sec_per_step": s}
+                                         for a, r, s in rows], TIMING_SCHEMA)
+
+    return execute(identity, spec, out_dir, body, steps_planned=tm["steps"] * tm["repeats"] * len(spec["arms"]),
+                   device="cpu", threads=threads, on_error="raise", extra_fields=SUMMARY_FIELDS)

@@ -1,8 +1,0 @@
-"""One continual-learning run (rule continual_run)."""
-import json
-from pathlib import Path
-
-from adaptlab.continual.run import run_continual
-
-run_continual(json.loads(snakemake.params.spec), Path(snakemake.output.summary).parent,
-              threads=snakemake.threads, on_error=snakemake.params.on_error)
