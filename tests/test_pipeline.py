@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from adaptlab.config import load_config
-from adaptlab.studies import expected_run_ids
+from adaptlab.studies import STUDIES, expected_run_ids
 from conftest import copy_workflow
 
 
@@ -50,6 +50,11 @@ def test_pipeline_builds_database_tables_and_figures(workdir):
         assert set(runs) == expected
         assert runs["unstable/noisy/full/sgd/lr1e+06/seed0"] == "diverged"
         assert all(s == "ok" for r, s in runs.items() if not r.startswith("unstable/"))
+        # every registered study ran (configs/test.yaml has a section for each)
+        assert {r for (r,) in con.execute("SELECT DISTINCT study FROM runs").fetchall()} >= set(STUDIES)
+    # every job left its log next to its records
+    assert all((workdir / "results/runs" / r / "job.log").is_file() for r in expected)
+    with duckdb.connect(str(db), read_only=True) as con:
         # the diverged run is listed by name, not dropped
         assert con.execute("SELECT run_id, status FROM run_status").fetchall() == [
             ("unstable/noisy/full/sgd/lr1e+06/seed0", "diverged")]
@@ -137,10 +142,10 @@ def test_sql_cli_queries_the_database(workdir):
     proc = subprocess.run(["adaptlab", "sql", "--db", db, "SELECT status, count(*) AS n FROM runs GROUP BY status "
                            "ORDER BY status"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "| diverged | 1 |" in proc.stdout and "| ok | 13 |" in proc.stdout
+    assert "| diverged | 1 |" in proc.stdout and "| ok | 23 |" in proc.stdout
     proc = subprocess.run(["adaptlab", "sql", "--csv", "--db", db, "SELECT count(*) AS n FROM expected_runs"],
                           capture_output=True, text=True)
-    assert proc.stdout.splitlines() == ["n", "14"]
+    assert proc.stdout.splitlines() == ["n", "24"]
     proc = subprocess.run(["adaptlab", "sql", "--db", db, "SELECT * FROM no_such_table"], capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "no_such_table" in proc.stderr

@@ -21,7 +21,7 @@ import duckdb
 import yaml
 
 from adaptlab.config import expand_runs, load_config
-from adaptlab.studies import expected_run_ids
+from adaptlab.studies import STUDIES, expected_run_ids, studies
 from conftest import REPO, copy_workflow
 
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
@@ -180,11 +180,13 @@ def test_slurm_profile_with_mock_slurm(tmp_path):
     cfg = load_config(work / "configs" / "test.yaml")
     n_runs = len(expand_runs(cfg))
     assert n_runs == 11  # 8 in grid `main`, 1 in grid `unstable`, 2 in grid `components`
-    n_expected = len(expected_run_ids(cfg))  # + pretraining, plasticity analysis and linear probe
+    n_expected = len(expected_run_ids(cfg))  # + pretraining and every study's runs
+    assert n_expected == n_runs + 1 + sum(len(s.specs(cfg)) for s in studies())
     db = work / "results" / "adaptlab.duckdb"
     assert db.exists()
     with duckdb.connect(str(db), read_only=True) as con:
-        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_expected == n_runs + 3
+        assert con.execute("SELECT count(*) FROM runs").fetchone()[0] == n_expected
+        assert {r for (r,) in con.execute("SELECT DISTINCT study FROM runs").fetchall()} >= set(STUDIES)
         assert con.execute("SELECT count(*) FROM runs WHERE study = 'pretrain'").fetchone()[0] == 1
         assert con.execute("SELECT count(*) FROM runs WHERE grid = 'unstable'").fetchone()[0] == 1
 
@@ -199,10 +201,16 @@ def test_slurm_profile_with_mock_slurm(tmp_path):
         by_rule.setdefault(c["rules"][0], []).append(c)
 
     # aggregate is a localrule: it ran in the controller (its outputs exist), never through sbatch; `all` has no job
-    assert set(by_rule) == {"prepare_data", "pretrain", "finetune", "plasticity_analysis", "linear_probe"}, sorted(by_rule)
-    for rule in ("plasticity_analysis", "linear_probe"):
-        (job,) = by_rule[rule]
-        assert job["gpus"] == ["--gpus=1"] and opt_value(job["argv"], "-p") == gpu_partition, job["argv"]
+    # every rule of every study was submitted, and each rule that writes a run record went where its set-resources
+    # entry sends it: the GPU partition with exactly one GPU, or the CPU partition with none
+    data_rules = {"prepare_data", "peft_seg_data"}
+    assert set(by_rule) == data_rules | set(profile["set-resources"]), sorted(by_rule)
+    for rule, entry in profile["set-resources"].items():
+        for job in by_rule[rule]:
+            assert job["gpus"] == (["--gpus=1"] if entry.get("gpu") else []), (rule, job["argv"])
+            assert opt_value(job["argv"], "-p") == entry["slurm_partition"], (rule, job["argv"])
+    for job in by_rule["peft_seg_data"]:
+        assert job["gpus"] == [] and opt_value(job["argv"], "-p") == cpu_partition, job["argv"]
     assert not any("aggregate" in t for c in calls for t in c["targets"])
     assert "localrule aggregate" in log
 

@@ -59,34 +59,39 @@ def _with_val(name: str, train: tuple, test: tuple, num_classes: int, spec: dict
     return ImageDataset(name, num_classes, x[tr], y[tr], x[va], y[va], x_te, y_te, meta=meta)
 
 
+def _digits(name: str, spec: dict, meta: dict) -> ImageDataset:
+    x, y = loaders.read_digits(spec.get("image_size", 32))
+    return _three_way(name, x, y, 10, spec, meta)
+
+
+def _cifar10(name: str, spec: dict, meta: dict) -> ImageDataset:
+    d = loaders.read_cifar10_binary(spec["path"])
+    return _with_val(name, d["train"], d["test"], 10, spec, meta)
+
+
+def _cifar100(name: str, spec: dict, meta: dict) -> ImageDataset:
+    label = spec.get("label", "fine")
+    d = loaders.read_cifar100_binary(spec["path"], label)
+    return _with_val(name, d["train"], d["test"], 100 if label == "fine" else 20, spec, meta)
+
+
+def _npy(name: str, spec: dict, meta: dict) -> ImageDataset:
+    x, y = loaders.read_npy_pair(spec["images"], spec["labels"], spec.get("rows"))
+    num_classes = spec.get("num_classes") or int(y.max()) + 1
+    if y.max() >= num_classes:
+        raise ValueError(f"{spec['labels']}: label {int(y.max())} >= num_classes {num_classes}")
+    return _three_way(name, x, y, num_classes, spec, meta)
+
+
 def build_dataset(name: str, spec: dict) -> ImageDataset:
     """Build the dataset ``name`` from its config entry. Raw-data paths are checked here, naming the key."""
     kind = spec["kind"]
-    meta = {"spec": spec}
+    if kind not in DATASET_KINDS:
+        raise ValueError(f"datasets.{name}.kind: unknown kind {kind!r}")
     try:
-        if kind == "procedural":
-            return _procedural(name, spec)
-        if kind == "digits":
-            x, y = loaders.read_digits(spec.get("image_size", 32))
-            return _three_way(name, x, y, 10, spec, meta)
-        if kind == "cifar10":
-            d = loaders.read_cifar10_binary(spec["path"])
-            return _with_val(name, d["train"], d["test"], 10, spec, meta)
-        if kind == "cifar100":
-            label = spec.get("label", "fine")
-            d = loaders.read_cifar100_binary(spec["path"], label)
-            return _with_val(name, d["train"], d["test"], 100 if label == "fine" else 20, spec, meta)
-        if kind == "npy":
-            x, y = loaders.read_npy_pair(spec["images"], spec["labels"], spec.get("rows"))
-            num_classes = spec.get("num_classes") or int(y.max()) + 1
-            if y.max() >= num_classes:
-                raise ValueError(f"{spec['labels']}: label {int(y.max())} >= num_classes {num_classes}")
-            return _three_way(name, x, y, num_classes, spec, meta)
-        if kind == "imagefolder":
-            return _image_folder(name, spec, meta)
+        return DATASET_KINDS[kind](name, spec, {"spec": spec})
     except (FileNotFoundError, ValueError) as err:
         raise type(err)(f"datasets.{name} ({kind}): {err}") from err
-    raise ValueError(f"datasets.{name}.kind: unknown kind {kind!r}")
 
 
 def _image_folder(name: str, spec: dict, meta: dict) -> ImageDataset:
@@ -115,3 +120,8 @@ def prepare_dataset(name: str, spec: dict, out_path: str | Path) -> ImageDataset
     ds = build_dataset(name, spec)
     save_dataset(ds, out_path)
     return ds
+
+
+# datasets.<name>.kind -> builder(name, spec, meta)
+DATASET_KINDS = {"procedural": lambda name, spec, meta: _procedural(name, spec), "digits": _digits,
+                 "cifar10": _cifar10, "cifar100": _cifar100, "npy": _npy, "imagefolder": _image_folder}

@@ -60,28 +60,26 @@ TABLES = {
 }
 
 
-def _plt():
-    import matplotlib
+def _one_panel(width: float):
+    from adaptlab.aggregate import panel_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig, axes = panel_axes(1, width=width, height=3.8)
+    return fig, axes, axes.flat[0]
 
 
-def _finish(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> None:
+def _finish(fig, axes, path: Path, xlabel: str, ylabel: str) -> None:
+    from adaptlab.aggregate import save_panels
+
+    ax = axes.flat[0]
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, 1, path, "")
 
 
 def _accuracy_vs_k(path: Path, rows: list[tuple], series: tuple[str, ...], xlabel: str, empty: str) -> None:
     """Rows (group, K, acc_1, …): one colour per group, one line style per accuracy named in ``series``."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, axes, ax = _one_panel(5.5)
     for i, grp in enumerate(sorted({r[0] for r in rows})):
         pts = [r for r in rows if r[0] == grp]
         for j, (style, name) in enumerate(zip(("-o", ":^", "--s"), series)):
@@ -91,7 +89,7 @@ def _accuracy_vs_k(path: Path, rows: list[tuple], series: tuple[str, ...], xlabe
     else:
         ax.text(0.5, 0.5, empty, ha="center")
     ax.set_ylim(-0.02, 1.02)
-    _finish(plt, fig, ax, path, xlabel, "final accuracy")
+    _finish(fig, axes, path, xlabel, "final accuracy")
 
 
 def plot_icl_vs_k(con, path: Path) -> None:
@@ -102,11 +100,10 @@ def plot_icl_vs_k(con, path: Path) -> None:
 
 def plot_induction_vs_icl(con, path: Path) -> None:
     """Induction strength of the last layer against IC accuracy at every eval step of every run."""
-    plt = _plt()
     rows = con.execute("""SELECT CASE WHEN kind = 'icl_mm' THEN 'mm ' || arm ELSE scheme END AS grp, ih, ic_acc
                           FROM icl_training t WHERE layer = (SELECT max(layer) FROM icl_training)
                           ORDER BY grp""").fetchall()
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, axes, ax = _one_panel(5)
     for grp in sorted({r[0] for r in rows}):
         pts = [r for r in rows if r[0] == grp]
         x, y = np.array([p[1] for p in pts], float), np.array([p[2] for p in pts], float)
@@ -115,7 +112,7 @@ def plot_induction_vs_icl(con, path: Path) -> None:
         ax.scatter(x, y, s=10, alpha=0.7, label=f"{grp} (Pearson r = {r:.2f})")
     if not rows:
         ax.text(0.5, 0.5, "no ICL runs", ha="center")
-    _finish(plt, fig, ax, path, "induction strength IH (last layer)", "ICL accuracy (IC)")
+    _finish(fig, axes, path, "induction strength IH (last layer)", "ICL accuracy (IC)")
 
 
 def plot_multimodal(con, path: Path) -> None:

@@ -18,14 +18,19 @@ from adaptlab.config import ATTENTION_DEFAULTS
 from adaptlab.models.precond_attention import preconditioned_attention
 
 
+# model.attention.kind -> the attn_layer it builds from the attention config (None: timm's own Attention)
+ATTENTION_KINDS = {
+    "timm": lambda a: None,
+    "preconditioned": lambda a: preconditioned_attention(form=a["form"], eps=a["eps"], detach=a["detach"]),
+}
+
+
 def attention_layer(attention: dict | None) -> type[torch.nn.Module] | None:
     """The ``attn_layer`` of a ``model.attention`` config: None (timm's own) for kind ``timm`` or absent."""
     attention = {**ATTENTION_DEFAULTS, **(attention or {})}
-    if attention["kind"] == "timm":
-        return None
-    if attention["kind"] == "preconditioned":
-        return preconditioned_attention(form=attention["form"], eps=attention["eps"], detach=attention["detach"])
-    raise ValueError(f"model.attention.kind: unknown {attention['kind']!r}")
+    if attention["kind"] not in ATTENTION_KINDS:
+        raise ValueError(f"model.attention.kind: unknown {attention['kind']!r}")
+    return ATTENTION_KINDS[attention["kind"]](attention)
 
 
 def create_vit(model_cfg: dict, num_classes: int, **kwargs) -> VisionTransformer:

@@ -75,24 +75,21 @@ TABLES = {
 
 
 def plot_pareto(con, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from adaptlab.aggregate import panel_axes, save_panels
+    from adaptlab.peft.lora import DEFORMABLE_TARGETS
 
     rows = con.execute("SELECT task, arm, method, trainable_pct, metric, metric_mean, coalesce(metric_std, 0) "
                        "FROM peft_results WHERE n_ok > 0 ORDER BY task, trainable_pct").fetchall()
     front = {(r[0], r[1]) for r in con.execute("SELECT task, arm FROM peft_pareto").fetchall()}
     tasks = sorted({r[0] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5.5 * max(1, len(tasks)), 4), squeeze=False)
+    fig, axes = panel_axes(len(tasks), width=5.5, height=4)
     colours = {name: m.colour for name, m in METHODS.items()}
     for ax, task in zip(axes.flat, tasks):
         pts = [r for r in rows if r[0] == task]
         for method in colours:
             sel = [r for r in pts if r[2] == method and r[3] > 0]
             if sel:
-                deform = [r for r in sel if method == "lora" and any(t in r[1] for t in ("sampling_offsets", "value_proj",
-                                                                                          "attention_weights", "output_proj"))]
+                deform = [r for r in sel if method == "lora" and any(t in r[1] for t in DEFORMABLE_TARGETS)]
                 plain = [r for r in sel if r not in deform]
                 for group, marker, label in ((plain, "o", method), (deform, "^", "lora (deformable)")):
                     if group:
@@ -106,11 +103,7 @@ def plot_pareto(con, path: Path) -> None:
         ax.set_ylabel(f"test {pts[0][4]}" if pts else "metric")
         ax.set_title(task)
         ax.legend(fontsize=7)
-    if not tasks:
-        axes.flat[0].text(0.5, 0.5, "no finished peft runs", ha="center")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_panels(fig, axes, len(tasks), path, "no finished peft runs")
 
 
 FIGURES = {"peft_pareto": plot_pareto}

@@ -117,18 +117,15 @@ TABLES = {
 }
 
 
-def _plot(con, path: Path, sql: str, ylabel: str, dashed_sql: str | None = None) -> None:
-    import matplotlib
+def _plot(con, path: Path, sql: str, ylabel: str) -> None:
+    """One panel per phase, one curve per arm: (phase, arm, step, value[, dashed value]) rows."""
+    from adaptlab.aggregate import panel_axes, save_panels
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = con.execute(sql).fetchall()  # (phase, arm, step, value[, value2])
-    phases = sorted({r[0] for r in rows}) or ["(no runs)"]
-    fig, axes = plt.subplots(1, len(phases), figsize=(5 * len(phases), 3.6), squeeze=False)
+    rows = con.execute(sql).fetchall()
+    phases = sorted({r[0] for r in rows})
+    fig, axes = panel_axes(len(phases), width=5, height=3.6)
     for ax, phase in zip(axes.flat, phases):
-        arms = sorted({r[1] for r in rows if r[0] == phase})
-        for i, arm in enumerate(arms):
+        for i, arm in enumerate(sorted({r[1] for r in rows if r[0] == phase})):
             pts = [r for r in rows if r[0] == phase and r[1] == arm]
             line, = ax.plot([p[2] for p in pts], [p[3] for p in pts], label=arm, color=f"C{i}")
             if len(pts[0]) > 4:
@@ -136,13 +133,8 @@ def _plot(con, path: Path, sql: str, ylabel: str, dashed_sql: str | None = None)
         ax.set_title(phase)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if arms:
-            ax.legend(fontsize=7)
-        else:
-            ax.text(0.5, 0.5, "no finished runs", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.legend(fontsize=7)
+    save_panels(fig, axes, len(phases), path, "no finished runs")
 
 
 def plot_loss_curves(con, path: Path) -> None:
