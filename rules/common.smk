@@ -35,12 +35,17 @@ RUN_DIR = RESULTS + "/runs/" + FINETUNE_RUN_ID
 PRETRAIN_DIR = RESULTS + "/runs/" + pretrain_run_id("{backbone}")
 
 
-def run_params(wc):
-    """Every hyperparameter of one run, so that changing one grid value reruns exactly the runs it touches."""
+def finetune_run(wc):
+    """The finetuning run (``RunSpec``) a finetune job's wildcards name."""
     rid = FINETUNE_RUN_ID.format(**dict(wc.items()))
     if rid not in RUNS:
         raise WorkflowError(f"{rid} is not a run of the configured grids")
-    return stable_json(RUNS[rid].as_dict())
+    return RUNS[rid]
+
+
+def run_params(wc):
+    """Every hyperparameter of one run, so that changing one grid value reruns exactly the runs it touches."""
+    return stable_json(finetune_run(wc).as_dict())
 
 
 def study_run_dir(section, kind):

@@ -6,7 +6,7 @@
 
 rule finetune:
     input:
-        model=lambda wc: backbone_file(RUNS[FINETUNE_RUN_ID.format(**dict(wc.items()))].backbone),
+        model=lambda wc: backbone_file(finetune_run(wc).backbone),
         data=lambda wc: dataset_file(wc.dataset),
     output:
         summary=RUN_DIR + "/summary.parquet",

@@ -15,7 +15,7 @@ from adaptlab.studies import STUDIES, expected_run_ids
 from conftest import copy_workflow
 
 
-def snakemake(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def snakemake(cwd: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -119,3 +119,61 @@ def test_job_log_keeps_output_and_the_traceback(tmp_path, capsys):
     text = path.read_text()
     assert "training step 1" in text and "RuntimeError: out of memory" in text and "Traceback" in text
     assert "training step 1" in capsys.readouterr().out  # still on the terminal too
+
+
+def test_run_skeleton_records_or_raises_and_writes_tables_on_either_path(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from adaptlab.records import read_summary
+    from adaptlab.runner import execute
+
+    identity = {"run_id": "x/run", "kind": "x", "study": "x", "grid": None, "backbone": None, "dataset": None,
+                "seed": 0, "lr": None, "optimizer": None, "trainable": None}
+    extra_fields = [pa.field("x_metric", pa.float64())]
+    schema = pa.schema([pa.field("run_id", pa.string()), pa.field("v", pa.int64())])
+    written = []
+
+    def failing(run):
+        run.extra["x_metric"] = 0.5
+        run.tables["x_raw"] = (rows := [], schema)
+        run.after.append(lambda: written.append(run.out_dir))
+        rows.append({"run_id": "x/run", "v": 1})
+        raise RuntimeError("boom")
+
+    kw = {"steps_planned": 7, "device": "cpu", "extra_fields": extra_fields}
+    row = execute(identity, {"a": 1}, tmp_path / "rec", failing, **kw)
+    assert row["status"] == "failed" and "RuntimeError: boom" in row["error"] and row["x_metric"] == 0.5
+    summary = read_summary(tmp_path / "rec" / "summary.parquet")
+    assert summary["status"] == "failed" and summary["steps_planned"] == 7 and summary["config_json"] == '{"a":1}'
+    assert pq.read_table(tmp_path / "rec" / "x_raw.parquet").to_pylist() == [{"run_id": "x/run", "v": 1}]
+    assert written == [tmp_path / "rec"]
+    with pytest.raises(RuntimeError, match="boom"):
+        execute(identity, {}, tmp_path / "raise", failing, on_error="raise", **kw)
+    assert not (tmp_path / "raise" / "summary.parquet").exists()
+    with pytest.raises(RuntimeError, match="boom"):  # recorded first, then raised: for runs others depend on
+        execute(identity, {}, tmp_path / "both", failing, reraise=True, **kw)
+    assert read_summary(tmp_path / "both" / "summary.parquet")["status"] == "failed"
+
+    def ok(run):
+        run.status = "ok"
+        run.extra["x_metric"] = 0.9
+
+    row = execute(identity, {}, tmp_path / "ok", ok, **kw)
+    assert read_summary(tmp_path / "ok" / "summary.parquet")["x_metric"] == 0.9 and row["error"] is None
+
+
+def test_plasticity_runs_honour_on_error(tmp_path, tiny_data):
+    """The analysis and the probe go through the skeleton too: a missing backbone is recorded, or raised."""
+    from adaptlab.plasticity.run import run_analysis, run_linear_probe
+    from conftest import TINY_MODEL
+
+    spec = {"backbone": "base", "dataset": "tiny", "model": TINY_MODEL, "n_pairs": 8, "fc2_input": "padded",
+            "radius": "max", "batch_size": 8, "linear_probe": {"max_iter": 10, "C": 1.0}}
+    missing = tmp_path / "no_such.safetensors"
+    row = run_analysis(spec, missing, tiny_data, tiny_data, tmp_path / "a", device="cpu")
+    assert row["status"] == "failed" and "no_such.safetensors" in row["error"] and row["radius"] is None
+    row = run_linear_probe(spec, missing, tiny_data, tmp_path / "p", device="cpu")
+    assert row["status"] == "failed" and row["test_acc"] is None
+    with pytest.raises(Exception, match="no_such"):
+        run_analysis(spec, missing, tiny_data, tiny_data, tmp_path / "r", device="cpu", on_error="raise")

@@ -1,8 +1,9 @@
 """Study 5: AdamO and the continual-learning plasticity benchmark (config section ``continual``).
 
-Each grid runs benchmarks × models × methods × seeds; run ids are ``RUN_IDS["run"]``. A run (``adaptlab.continual.run``) trains one
-model through the task sequence with the shared loop and writes, besides ``summary.parquet``, the raw table
-``continual_task_metrics`` (run × task × layer × metric, long format). SQL tables:
+Each grid runs benchmarks × models × methods × seeds; run ids are ``RUN_IDS["run"]``. A run
+(``adaptlab.continual.run``) trains one model through the task sequence with the shared loop and writes,
+besides ``summary.parquet``, the raw table ``continual_task_metrics`` (run × task × layer × metric, long
+format). SQL tables:
 
 - ``continual_tasks``: per grid/benchmark/model/method/task, mean and std over seeds of the final train
   accuracy, online accuracy, dead and 0.1-dormant fractions, mean cond / effective rank / Gram deviation of

@@ -2,12 +2,13 @@
 deformable attention) — on a classification task and an instance-segmentation task.
 
 Runs:
-- ``RUN_IDS["source"]``, ``peft/<task>/source``: for a segmentation task with a ``source`` dataset, the dense head and the backbone
-  (from the core ``pretrain`` rule) are first trained in full on the source domain. This is the "pretrained
-  detector" the paper adapts: the PEFT arms then start from a trained dense head, not a random one.
-- ``RUN_IDS["arm"]``, ``peft/<task>/<arm>/seed<k>``: one arm of the grid on the task's (shifted) target dataset. Arms expand
-  their list-valued options (``adaptlab.peft.methods.METHODS``, one entry per method): ``adapter`` → ``<name>-n<N>-rf<reduction>``; ``lora`` → ``<name>-<targets>-r<r>-a<alpha>``
-  with alpha = alpha_scale · r. Arms whose LoRA targets exist only in the deformable head are skipped on
+- ``RUN_IDS["source"]`` (``peft/<task>/source``): for a segmentation task with a ``source`` dataset, the dense
+  head and the backbone (from the core ``pretrain`` rule) are first trained in full on the source domain. This
+  is the "pretrained detector" the paper adapts: the PEFT arms then start from a trained dense head.
+- ``RUN_IDS["arm"]`` (``peft/<task>/<arm>/seed<k>``): one arm of the grid on the task's (shifted) target
+  dataset. Arms expand their list-valued options (``adaptlab.peft.methods.METHODS``, one entry per method):
+  ``adapter`` → ``<name>-n<N>-rf<reduction>``; ``lora`` → ``<name>-<targets>-r<r>-a<alpha>`` with
+  alpha = alpha_scale · r. Arms whose LoRA targets exist only in the deformable head are skipped on
   classification tasks.
 
 Each run writes the core summary plus ``SUMMARY_FIELDS`` and ``adapter.safetensors`` (trainable tensors only).
