@@ -13,8 +13,6 @@ import math
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from adaptlab.config import config_hash, train_config

@@ -18,6 +18,8 @@ from adaptlab.config import ConfigError, train_config
 from adaptlab.icl.data import check_params
 from adaptlab.icl.tables import FIGURES, RAW_TABLES, SUMMARY_FIELDS, TABLES
 
+# the Study surface (adaptlab.studies.Study)
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
 SECTION = "icl"
 RUN_IDS = {"uni": "icl/uni/{scheme}/K{K}/seed{seed}", "mm": "icl/mm/{arm}/K{K2}/seed{seed}"}
 MODEL_NAME = "model.safetensors"

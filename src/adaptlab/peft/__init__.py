@@ -25,6 +25,8 @@ from adaptlab.peft.lora import LoraSpec
 from adaptlab.peft.methods import arm_fits, expand_arms
 from adaptlab.peft.tables import FIGURES, SUMMARY_FIELDS, TABLES
 
+# the Study surface (adaptlab.studies.Study)
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
 SECTION = "peft"
 SOURCE_ARM = "source"
 RUN_IDS = {"source": "peft/{ptask}/" + SOURCE_ARM, "arm": "peft/{ptask}/{arm}/seed{seed}"}

@@ -13,6 +13,8 @@ from __future__ import annotations
 from adaptlab.config import ConfigError, backbone_spec, run_model_config
 from adaptlab.plasticity.tables import FIGURES, RAW_TABLES, SUMMARY_FIELDS, TABLES
 
+# the Study surface (adaptlab.studies.Study)
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
 SECTION = "plasticity"
 RUN_IDS = {"analysis": "plasticity/analysis/{backbone}/{dataset}",
            "linear_probe": "plasticity/linear_probe/{backbone}/{dataset}"}
