@@ -109,10 +109,10 @@ def test_cli_validate_and_runs(tmp_path, capsys):
     from adaptlab.cli import main
 
     assert main(["validate", str(REPO / "configs/test.yaml")]) == 0
-    assert "valid, 14 runs (11 in finetuning grids)" in capsys.readouterr().out
+    assert "valid, 24 runs (11 in finetuning grids)" in capsys.readouterr().out
     assert main(["runs", str(REPO / "configs/test.yaml")]) == 0
     ids = capsys.readouterr().out.split()
-    assert len(ids) == 14 and "main/digits/head/sgd/lr0.05/seed0" in ids and "pretrain/base" in ids
+    assert len(ids) == 24 and "main/digits/head/sgd/lr0.05/seed0" in ids and "pretrain/base" in ids
     bad = yaml.safe_load((REPO / "configs/test.yaml").read_text())
     bad["model"]["patch_size"] = 0
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))

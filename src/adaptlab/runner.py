@@ -81,14 +81,13 @@ def _task(data, model, model_cfg: dict, cfg: dict, device, seed: int) -> ImageCl
                                eval_batch_size=cfg["eval_batch_size"], hflip=cfg["hflip"])
 
 
-def start_run(out_dir: str | Path, threads: int,
-              device: str | None = "auto") -> tuple[Path, torch.device | None, float]:
-    """The opening every run shares: its CPU thread count, its directory (created), its device (None when
-    ``device`` is None: CPU-only runs) and its start time for ``wall_seconds``."""
+def start_run(out_dir: str | Path, threads: int, device: str = "auto") -> tuple[Path, torch.device, float]:
+    """The opening every run shares: its CPU thread count, its directory (created), its device and its start time
+    for ``wall_seconds``."""
     set_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir, None if device is None else resolve_device(device), time.perf_counter()
+    return out_dir, resolve_device(device), time.perf_counter()
 
 
 @dataclass
@@ -104,6 +103,7 @@ class Run:
     out_dir: Path
     device: torch.device
     steps_planned: int
+    started: float  # time.perf_counter() at the start of the run (``wall_seconds`` counts from it)
     model: torch.nn.Module | None = None
     result: FitResult | None = None
     status: str | None = None
@@ -125,7 +125,7 @@ def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], Non
     a retry resumes); the best-val weights too unless ``keep_best``.
     """
     out_dir, dev, t0 = start_run(out_dir, threads, device)
-    run = Run(out_dir, dev, steps_planned)
+    run = Run(out_dir, dev, steps_planned, t0)
     error, failure = None, None
     try:
         body(run)

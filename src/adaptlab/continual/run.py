@@ -109,7 +109,7 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
                 log.setdefault(key, [math.nan] * n_before).extend(
                     [v + t * g["steps"] for v in vals] if key == "step" else vals)
             # the loop's result of the whole sequence so far: its last task's metrics, the steps of all tasks
-            wall = time.perf_counter() - t0
+            wall = time.perf_counter() - run.started
             run.result = FitResult(status=last.status, steps_done=len(log["step"]), best_step=None,
                                    best_val=last.best_val, test=last.test, final_loss=last.final_loss, log=log,
                                    elapsed_seconds=wall, steps_this_process=len(log["step"]), seconds_this_process=wall)
@@ -133,7 +133,6 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
                              dead_frac_end=dead[-1] if done else None)
         (fit_dir / BEST_NAME).unlink(missing_ok=True)
 
-    t0 = time.perf_counter()
     # tiny models: the CPU is faster than a GPU launch per op
     return execute(identity, spec, out_dir, body, steps_planned=g["steps"] * g["tasks"], device="cpu",
                    threads=threads, on_error=on_error, extra_fields=SUMMARY_FIELDS)
