@@ -56,15 +56,14 @@ def _load(path: str):
 
 def _run_ids(path: str) -> tuple[dict, list[str]] | None:
     """A config and its run ids, after the schema and every study's own checks; None (message printed) if bad."""
-    from adaptlab.config import ConfigError
     from adaptlab.studies import expected_run_ids
 
-    cfg = _load(path)
+    cfg = _load(path)  # validate_config: the schema and every study's check
     if cfg is None:
         return None
     try:
         return cfg, expected_run_ids(cfg)
-    except (ConfigError, ValueError) as err:  # a study's check (unknown names, sizes that cannot work)
+    except ValueError as err:  # two sections claiming the same run id
         print(f"{path}: invalid configuration\n  {err}", file=sys.stderr)
         return None
 

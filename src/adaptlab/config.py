@@ -19,7 +19,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from adaptlab.studies import STUDIES
+from adaptlab.studies import STUDIES, studies
 
 RESULTS = "results"
 
@@ -122,8 +122,6 @@ def validate_config(config: dict, source: str = "config") -> dict:
 
 def _check_studies(cfg: dict, source: str) -> None:
     """Every present study section's own cross-checks (``Study.check``), reported like a schema error."""
-    from adaptlab.studies import studies
-
     for study in studies():
         if study.SECTION in cfg:
             try:
