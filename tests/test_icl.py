@@ -61,6 +61,27 @@ def test_zipf_class_law(alpha):
         assert chi2 < K - 1 + 4 * math.sqrt(2 * (K - 1))  # far inside the χ²(63) tail
 
 
+def test_novel_class_queries_have_uniform_labels_at_alpha_1():
+    """Novel classes are drawn uniformly (the reference generator), not from the training classes' Zipf law: at
+    alpha = 1 a Zipf draw would give label 0 with probability ≈ 0.19 instead of 1/L."""
+    w = ICLWorld(K=256, D=8, L=32, N=8, B=2, alpha=1.0, seed=0)
+    b = w.sample(rng_for(0, 9), 40_000, p_bursty=1.0, p_novel=1.0)
+    counts = np.bincount(b.target, minlength=32)
+    assert abs(counts[0] / counts.sum() - 1 / 32) < sigma3(1 / 32, counts.sum())
+    chi2 = ((counts - counts.mean()) ** 2 / counts.mean()).sum()
+    assert chi2 < 31 + 4 * math.sqrt(2 * 31)
+    # the training classes keep their Zipf law: label 0 far above 1/L
+    t = w.sample(rng_for(0, 10), 40_000, p_bursty=1.0, p_novel=0.0)
+    assert (t.target == 0).mean() > 3 / 32
+    # the multimodal generator's novel pairs: uniform over the secondary labels too
+    mm = MultimodalWorld(ICLWorld(K=512, D=8, L=32, N=8, B=2, alpha=1.0, seed=0, n_max=16), K2=64, D2=8, L2=16,
+                         alpha2=1.0, seed=0)
+    m = mm.sample(rng_for(0, 11), 40_000, novel=True)
+    counts2 = np.bincount(m.target, minlength=16)
+    chi2 = ((counts2 - counts2.mean()) ** 2 / counts2.mean()).sum()
+    assert chi2 < 15 + 4 * math.sqrt(2 * 15)
+
+
 def test_labels_tokens_norms_and_positions():
     w = ICLWorld(K=128, D=32, L=32, N=8, B=2, p_bursty=0.5, seed=3, n_max=16)
     b = w.sample(rng_for(3, 0), 4000)

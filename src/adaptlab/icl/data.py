@@ -131,9 +131,10 @@ class ICLWorld:
         query = np.where(bursty, b_query, query)
         novel_means = None
         if novel.any():
-            # the same bursty recipe on fresh means, redrawn on every call
+            # the same bursty recipe on fresh means, redrawn on every call; novel classes are drawn uniformly
+            # (not from the Zipf law), as in the reference generator, so a query's label stays uniform at alpha > 0
             novel_means = rng.normal(0, 1 / np.sqrt(self.D), (self.novel_classes, self.D)).astype(np.float32)
-            n_ctx, n_query = self._bursty_classes(rng, n, zipf_probs(self.novel_classes, self.alpha), self.B)
+            n_ctx, n_query = self._bursty_classes(rng, n, zipf_probs(self.novel_classes, 0.0), self.B)
             ctx = np.where(novel[:, None], n_ctx, ctx)
             query = np.where(novel, n_query, query)
             bursty = bursty | novel
@@ -221,8 +222,9 @@ class MultimodalWorld:
         p_bursty = m1.p_bursty if p_bursty is None else p_bursty
         K1 = m1.novel_classes if novel else m1.K
         K2 = self.novel2 if novel else self.K2
-        probs1 = zipf_probs(K1, m1.alpha) if novel else m1.probs
-        probs2 = zipf_probs(K2, self.alpha2) if novel else self.probs2
+        # novel classes are drawn uniformly, as in the reference generator (the Zipf law is for training classes)
+        probs1 = zipf_probs(K1, 0.0) if novel else m1.probs
+        probs2 = zipf_probs(K2, 0.0) if novel else self.probs2
         means1 = rng.normal(0, 1 / np.sqrt(m1.D), (K1, m1.D)).astype(np.float32) if novel else m1.means
         means2 = rng.normal(0, 1 / np.sqrt(self.D2), (K2, self.D2)).astype(np.float32) if novel else self.means2
         # pairs: draw the M2 class, then an M1 class of the same label; N/B pairs repeated B times and shuffled
