@@ -3,6 +3,8 @@
 #   snakemake --cores all                                    # the embedded default (config.yaml)
 #   snakemake --cores all --configfile configs/test.yaml     # a preset replaces config.yaml entirely
 #   snakemake --profile profiles/slurm --configfile configs/paper.yaml
+import os
+
 from snakemake.utils import min_version
 
 from adaptlab.studies import study_sections
@@ -26,6 +28,11 @@ for section in study_sections():
     include: f"rules/{section}.smk"
 
 include: "rules/aggregate.smk"
+
+# `snakemake --report` opens with the paper claims and the run states that the aggregation wrote
+if os.path.exists(f"{RESULTS}/{OVERVIEW_NAME}"):
+
+    report: os.path.abspath(f"{RESULTS}/{OVERVIEW_NAME}")
 
 rule all:
     default_target: True

@@ -1,6 +1,7 @@
 # Aggregation: the records of every expected run (pretraining, finetuning grids, each study's runs) →
 # results/adaptlab.duckdb (runs, steps, expected_runs, the studies' raw tables and the SQL tables of
-# adaptlab.aggregate.all_tables()) → results/tables/*.csv|.md and results/figures/*.png.
+# adaptlab.aggregate.all_tables()) → results/tables/*.csv|.md, results/figures/*.png and results/report.rst, the
+# opening page of `snakemake --report` (paper claims and run states).
 
 
 localrules:
@@ -21,6 +22,7 @@ rule aggregate:
             report(f"{RESULTS}/figures/{f}.png", caption="../workflow/report/figure.rst", category="Figures")
             for f in all_figures()
         ],
+        overview=RESULTS + "/" + OVERVIEW_NAME,
     log:
         RESULTS + "/logs/aggregate.log",
     params:

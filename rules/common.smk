@@ -1,10 +1,12 @@
 # Config validation, grid expansion and the input/param functions the rules share.
 from snakemake.exceptions import WorkflowError
 
-from adaptlab.aggregate import all_figures, all_tables
+from adaptlab.aggregate import OVERVIEW_NAME, all_figures, all_tables
 from adaptlab.config import (FINETUNE_RUN_ID, ConfigError, RESULTS, expand_runs, pretrain_run_id, pretrain_spec,
                              stable_json, validate_config)
-from adaptlab.studies import expected_run_ids, run_id, studies
+from adaptlab.fingerprint import code_fingerprint
+from adaptlab.records import recorded_fingerprint
+from adaptlab.studies import expected_runs, run_id, studies
 
 try:
     # the schema, the cross-references and every study's own check: the same errors as `adaptlab validate`
@@ -12,8 +14,8 @@ try:
     STUDIES = {s.SECTION: s for s in studies()}
     # every study's runs, expanded once per parse: run id -> spec (its job's params)
     STUDY_SPECS = {name: s.specs(CFG) for name, s in STUDIES.items()}
-    # Every run of every study: the aggregate rule waits for each one's summary.parquet.
-    EXPECTED = expected_run_ids(CFG, STUDY_SPECS)
+    # Every run of every study (run id -> study): the aggregate rule waits for each one's summary.parquet.
+    EXPECTED = expected_runs(CFG, STUDY_SPECS)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
@@ -70,6 +72,18 @@ def study_params(section, kind):
     """A params function: the run's spec as stable JSON, so changing one value reruns exactly the runs it touches."""
     spec = study_spec(section, kind)
     return lambda wc: stable_json(spec(wc))
+
+
+def code_version(section=None):
+    """A params function: the code fingerprint of the job's run (``adaptlab.fingerprint``; ``section``: the study
+    whose run module the job runs, None for pretraining and the finetuning grids). With
+    ``rerun_on_code_change`` it is the current code's, so Snakemake reruns exactly the runs whose code changed.
+    Without, it is the one the run recorded in its summary (the current one before it has run): a code change
+    reruns nothing, and switching the option on reruns only runs whose code changed since they ran."""
+    current = code_fingerprint("finetune", None) if section is None else code_fingerprint("run", section)
+    if CFG["rerun_on_code_change"]:
+        return lambda wildcards: current
+    return lambda wildcards, output: recorded_fingerprint(output.summary) or current
 
 
 def job_log(section, kind):

@@ -9,6 +9,7 @@ rule continual_run:
     log:
         job_log("continual", "run"),
     params:
+        code=code_version("continual"),
         spec=study_params("continual", "run"),
         on_error=CFG["finetune"]["on_error"],
     wildcard_constraints:

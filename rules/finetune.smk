@@ -14,6 +14,7 @@ rule finetune:
     log:
         RUN_DIR + "/job.log",
     params:
+        code=code_version(),
         run=run_params,
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

@@ -51,6 +51,7 @@ rule peft_source:
     log:
         job_log("peft", "source"),
     params:
+        code=code_version("peft"),
         spec=study_params("peft", "source"),
         device=CFG["device"],
     threads: CFG.get("peft", {}).get("threads", 1)
@@ -67,6 +68,7 @@ rule peft_run:
     log:
         job_log("peft", "arm"),
     params:
+        code=code_version("peft"),
         spec=study_params("peft", "arm"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

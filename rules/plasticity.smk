@@ -17,6 +17,7 @@ rule plasticity_analysis:
     log:
         job_log("plasticity", "analysis"),
     params:
+        code=code_version("plasticity"),
         spec=study_params("plasticity", "analysis"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],
@@ -34,6 +35,7 @@ rule linear_probe:
     log:
         job_log("plasticity", "linear_probe"),
     params:
+        code=code_version("plasticity"),
         spec=study_params("plasticity", "linear_probe"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

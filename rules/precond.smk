@@ -23,6 +23,7 @@ rule precond_train:
     log:
         job_log("precond", "train"),
     params:
+        code=code_version("precond"),
         spec=study_params("precond", "train"),
         device=CFG["device"],
     wildcard_constraints:
@@ -44,6 +45,7 @@ rule precond_timing:
     log:
         job_log("precond", "timing"),
     params:
+        code=code_version("precond"),
         spec=lambda wc: stable_json(PRECOND[TIMING_RUN]),
     threads: PRECOND[TIMING_RUN]["timing"]["threads"] if PRECOND else 1
     script:

@@ -17,6 +17,7 @@ rule pretrain:
     log:
         PRETRAIN_DIR + "/job.log",
     params:
+        code=code_version(),
         spec=lambda wc: stable_json(pretrain_spec(CFG, wc.backbone)),
         device=CFG["device"],
     threads: CFG["threads"]["pretrain"]

@@ -1,7 +1,10 @@
 """Shared tiny fixtures: a procedural dataset file, a tiny ViT config and a pretrained checkpoint."""
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +51,27 @@ def copy_workflow(dest: Path) -> Path:
     for name in ("rules", "workflow", "configs", "profiles"):
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
     return dest
+
+
+def snakemake(cwd: Path, *args: str, timeout: int = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def planned_jobs(dry_run_output: str) -> dict[str, list[str]]:
+    """rule name → the first output of each job a dry run plans."""
+    jobs: dict[str, list[str]] = {}
+    # grouped jobs are printed indented under "Group job ..."
+    for rule, body in re.findall(r"^ *(?:local)?rule (\w+):\n((?: {4,}\S.*\n)+)", dry_run_output, flags=re.M):
+        out = re.search(r"^ +output: ([^,\n]+)", body, flags=re.M)
+        jobs.setdefault(rule, []).append(out.group(1) if out else "")
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def pipeline_workdir(tmp_path_factory) -> Path:
+    """configs/test.yaml run once through the whole DAG (shared: a test that changes it works on a copy)."""
+    wd = copy_workflow(tmp_path_factory.mktemp("wf"))
+    proc = snakemake(wd, "--cores", "2", "--configfile", "configs/test.yaml")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return wd

@@ -1,9 +1,7 @@
 """End to end: the DAG on configs/test.yaml, its DuckDB tables, incremental reruns, bad configs and the CLI."""
 from __future__ import annotations
 
-import re
 import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
@@ -12,30 +10,12 @@ import yaml
 
 from adaptlab.config import load_config
 from adaptlab.studies import STUDIES, expected_run_ids
-from conftest import copy_workflow
-
-
-def snakemake(cwd: Path, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def planned_jobs(dry_run_output: str) -> dict[str, list[str]]:
-    """rule name → the first output of each job a dry run plans."""
-    jobs: dict[str, list[str]] = {}
-    # grouped jobs are printed indented under "Group job ..."
-    for rule, body in re.findall(r"^ *(?:local)?rule (\w+):\n((?: {4,}\S.*\n)+)", dry_run_output, flags=re.M):
-        out = re.search(r"^ +output: ([^,\n]+)", body, flags=re.M)
-        jobs.setdefault(rule, []).append(out.group(1) if out else "")
-    return jobs
+from conftest import planned_jobs, snakemake
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    wd = copy_workflow(tmp_path_factory.mktemp("wf"))
-    proc = snakemake(wd, "--cores", "2", "--configfile", "configs/test.yaml")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return wd
+def workdir(pipeline_workdir) -> Path:
+    return pipeline_workdir
 
 
 def test_pipeline_builds_database_tables_and_figures(workdir):
@@ -58,6 +38,10 @@ def test_pipeline_builds_database_tables_and_figures(workdir):
         # the diverged run is listed by name, not dropped
         assert con.execute("SELECT run_id, status FROM run_status").fetchall() == [
             ("unstable/noisy/full/sgd/lr1e+06/seed0", "diverged")]
+        # every claim of every study was checked (none of their SQL failed)
+        claims = con.execute("SELECT study, verdict, note FROM paper_claims").fetchall()
+        assert {c[0] for c in claims} == set(STUDIES) and all(note is None for *_, note in claims)
+        assert {c[1] for c in claims} <= {"supported", "not supported", "not measured"}
         best = con.execute("SELECT dataset, trainable, best_lr, test_acc_mean FROM finetune_best "
                            "WHERE grid = 'main' ORDER BY ALL").fetchall()
         assert [(d, t) for d, t, *_ in best] == [("digits", "full"), ("digits", "head"), ("noisy", "full"),
@@ -170,3 +154,5 @@ def test_report_contains_tables_and_figures(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (workdir / "results/report.html").read_text(errors="replace")
     assert "finetune_best.csv" in html and "learning_curves.png" in html
+    # it opens with the paper claims and the run states (results/report.rst, written by the aggregation)
+    assert "Paper claims" in html and "Run states" in html and "ln_below_attention_ffn" in html

@@ -16,16 +16,19 @@ import duckdb
 import pyarrow as pa
 
 from adaptlab import records
+from adaptlab.claims import create_paper_claims
+from adaptlab.run_state import RunState, quarantine, run_states
 from adaptlab.studies import studies
 
 FINETUNE_KEYS = "study, grid, backbone, dataset, trainable, optimizer"
 
 # name -> SQL over the tables above it, or a callable(con, name) that creates the table (for scipy statistics).
 TABLES: dict[str, str | Callable] = {
+    # every expected run that is not ok, by name (states: adaptlab.run_state)
     "run_status": """
-        SELECT e.run_id, coalesce(r.status, 'missing') AS status, r.error, r.steps_done, r.steps_planned
-        FROM expected_runs e LEFT JOIN runs r USING (run_id)
-        WHERE r.status IS NULL OR r.status <> 'ok'
+        SELECT s.run_id, s.study, s.state AS status, r.error, s.detail, r.steps_done, r.steps_planned
+        FROM run_states s LEFT JOIN runs r USING (run_id)
+        WHERE s.state <> 'ok'
         ORDER BY status, run_id""",
     "finetune_summary": f"""
         SELECT {FINETUNE_KEYS}, lr,
@@ -112,8 +115,13 @@ def _merged(attr: str, core: dict) -> dict:
     return out
 
 
-def all_tables() -> dict[str, str]:
-    return _merged("TABLES", TABLES)
+def _paper_claims(con, name: str) -> None:
+    create_paper_claims(con, name, {s.SECTION: list(getattr(s, "CLAIMS", [])) for s in studies()})
+
+
+def all_tables() -> dict[str, str | Callable]:
+    """The core tables, each study's, then ``paper_claims`` (each paper's claims checked over all of them)."""
+    return {**_merged("TABLES", TABLES), "paper_claims": _paper_claims}
 
 
 def all_figures() -> dict[str, Callable]:
@@ -136,13 +144,26 @@ def _quote(path: str | Path) -> str:
 def _load_parquet(con, table: str, files: list[Path], schema: pa.Schema) -> None:
     """Create ``table`` from ``files`` (union by column name) with at least the columns of ``schema``."""
     con.register("_empty", schema.empty_table())
-    if files:
-        listing = ", ".join(_quote(f) for f in files)
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty UNION ALL BY NAME "
-                    f"SELECT * FROM read_parquet([{listing}], union_by_name = true)")
-    else:
-        con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty")
-    con.unregister("_empty")
+    try:
+        if files:
+            listing = ", ".join(_quote(f) for f in files)
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty UNION ALL BY NAME "
+                        f"SELECT * FROM read_parquet([{listing}], union_by_name = true)")
+        else:
+            con.execute(f"CREATE TABLE {table} AS SELECT * FROM _empty")
+    finally:
+        con.unregister("_empty")
+
+
+def _unreadable_by_duckdb(con, files: list[Path]) -> dict[Path, str]:
+    """The files DuckDB cannot read on their own (after a failed bulk load), with its message."""
+    bad = {}
+    for f in files:
+        try:
+            con.execute(f"SELECT count(*) FROM read_parquet({_quote(f)})").fetchone()
+        except duckdb.Error as err:
+            bad[f] = str(err).splitlines()[0]
+    return bad
 
 
 def format_markdown(columns: list[str], rows: list[tuple]) -> str:
@@ -158,30 +179,51 @@ def format_markdown(columns: list[str], rows: list[tuple]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_database(db_path: str | Path, run_dirs: list[Path], expected_run_ids: list[str]) -> None:
-    """(Re)build the DuckDB file from the records in ``run_dirs``; written to a temporary file and renamed."""
+def build_database(db_path: str | Path, states: list[RunState]) -> list[RunState]:
+    """(Re)build the DuckDB file from the readable records of ``states`` (``adaptlab.run_state``); written to a
+    temporary file and renamed. A file DuckDB still cannot read makes its run ``corrupt`` (left out, listed).
+    Returns the states, with those."""
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.with_suffix(".duckdb.tmp")
     tmp.unlink(missing_ok=True)
-
-    def files(name: str) -> list[Path]:
-        return [d / f"{name}.parquet" for d in run_dirs if (d / f"{name}.parquet").is_file()]
+    schemas = {"summary": ("runs", full_summary_schema()),
+               "steps": ("steps", records.steps_schema(["val_acc", "val_loss"])),
+               **{name: (name, schema) for name, schema in raw_tables().items()}}
 
     with duckdb.connect(str(tmp)) as con:
-        _load_parquet(con, "runs", files("summary"), full_summary_schema())
-        _load_parquet(con, "steps", files("steps"), records.steps_schema(["val_acc", "val_loss"]))
-        for name, schema in raw_tables().items():
-            _load_parquet(con, name, files(name), schema)
-        con.register("_expected", pa.table({"run_id": pa.array(expected_run_ids, pa.string())}))
-        con.execute("CREATE TABLE expected_runs AS SELECT * FROM _expected")
-        con.unregister("_expected")
+        for name, (table, schema) in schemas.items():
+            files = [st.files[name] for st in states if name in st.files]
+            try:
+                _load_parquet(con, table, files, schema)
+            except duckdb.Error:  # a file pyarrow read but DuckDB cannot: find it, mark its run, load the rest
+                bad = _unreadable_by_duckdb(con, files)
+                for st in states:
+                    if st.files.get(name) in bad:
+                        st.state, st.detail = "corrupt", f"{st.files[name]}: {bad[st.files[name]]}"
+                _load_parquet(con, table, [f for f in files if f not in bad], schema)
+        corrupt = {st.run_id for st in states if st.state == "corrupt"}
+        if corrupt:  # a run with any corrupt file is left out of every table, not half-loaded
+            ids = pa.table({"run_id": pa.array(sorted(corrupt), pa.string())})
+            con.register("_corrupt", ids)
+            for table, _ in schemas.values():
+                con.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM _corrupt)")
+            con.unregister("_corrupt")
+        state_table = pa.table({"run_id": [st.run_id for st in states], "study": [st.study for st in states],
+                                "state": [st.state for st in states], "detail": [st.detail for st in states]},
+                               schema=pa.schema([("run_id", pa.string()), ("study", pa.string()),
+                                                 ("state", pa.string()), ("detail", pa.string())]))
+        con.register("_states", state_table)
+        con.execute("CREATE TABLE expected_runs AS SELECT run_id, study FROM _states")
+        con.execute("CREATE TABLE run_states AS SELECT * FROM _states")
+        con.unregister("_states")
         for name, sql in all_tables().items():
             if callable(sql):  # a table computed in Python (e.g. scipy tests) from the tables before it
                 sql(con, name)
             else:
                 con.execute(f"CREATE TABLE {name} AS {sql}")
     os.replace(tmp, db_path)
+    return states
 
 
 def export(db_path: str | Path, tables_dir: str | Path, figures_dir: str | Path) -> dict[str, int]:
@@ -203,16 +245,65 @@ def export(db_path: str | Path, tables_dir: str | Path, figures_dir: str | Path)
     return counts
 
 
-def aggregate(results_dir: str | Path, expected_run_ids: list[str]) -> list[tuple]:
-    """Build the database from whatever run records exist under ``results_dir``; return the non-ok runs.
+OVERVIEW_NAME = "report.rst"  # the opening page of `snakemake --report` (the Snakefile's `report:`)
 
-    Every run (pretraining, finetuning, each study's) keeps its records in ``results/runs/<run_id>/``.
-    Expected runs whose files are absent are reported as ``missing`` (this works on a partial grid too, e.g.
-    ``adaptlab aggregate`` while a cluster run is still going).
+
+def _csv_table(title: str, columns: list[str], rows: list[tuple]) -> str:
+    def cell(v) -> str:
+        text = "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+        return '"' + text.replace('"', '""').replace("\n", " ").replace("{", "(").replace("}", ")") + '"'
+
+    head = ", ".join(cell(c) for c in columns)
+    body = "\n".join("   " + ", ".join(cell(v) for v in row) for row in rows) or "   " + ", ".join(['""'] * len(columns))
+    return f".. csv-table:: {title}\n   :header: {head}\n\n{body}\n"
+
+
+def write_overview(db_path: str | Path, path: str | Path, max_listed: int = 50) -> None:
+    """The report's opening page (reStructuredText): each paper's claims checked, the runs per study and state,
+    and the first ``max_listed`` runs that are not ok (all of them are in ``run_status``)."""
+    from adaptlab.run_state import STATES
+
+    with duckdb.connect(str(db_path), read_only=True) as con:
+        claims = con.execute("SELECT study, claim_id, claim, published, measured, n, verdict FROM paper_claims")
+        claims_cols, claims_rows = [d[0] for d in claims.description], claims.fetchall()
+        counts = con.execute(f"""SELECT study, {', '.join(f"count(*) FILTER (WHERE state = '{s}') AS {s}"
+                                                           for s in STATES)}, count(*) AS runs
+                                 FROM run_states GROUP BY study ORDER BY min(rowid)""")
+        count_cols, count_rows = [d[0] for d in counts.description], counts.fetchall()
+        listed = con.execute(f"SELECT run_id, status, coalesce(detail, error) FROM run_status LIMIT {max_listed}")
+        listed_cols, listed_rows = ["run_id", "status", "detail"], [(r, s, (d or "").splitlines()[0] if d else None)
+                                                                    for r, s, d in listed.fetchall()]
+        n_not_ok = con.execute("SELECT count(*) FROM run_status").fetchone()[0]
+    text = ["adaptlab results", "================", "",
+            "Each paper's claims, checked over these results (table ``paper_claims``; the SQL of each claim is in "
+            "its study's ``claims.py``):", "", _csv_table("Paper claims", claims_cols, claims_rows), "",
+            "Runs per study and state (``adaptlab status``):", "", _csv_table("Run states", count_cols, count_rows),
+            "", f"Runs that are not ok: {n_not_ok} (table ``run_status``)", ""]
+    if listed_rows:
+        text += [_csv_table("run_status", listed_cols, listed_rows), ""]
+    Path(path).write_text("\n".join(text))
+
+
+def aggregate(results_dir: str | Path, expected: dict[str, str] | list[str]) -> list[tuple]:
+    """Build the database from whatever run records exist under ``results_dir``; return the runs that are not
+    ok as (run_id, state, error or detail).
+
+    ``expected``: run id -> study (``adaptlab.studies.expected_runs``), or run ids (a run's study is then read
+    from its summary). Every run keeps its records in ``results/runs/<run_id>/``. Absent runs are
+    ``missing`` (this works on a partial grid, e.g. ``adaptlab aggregate`` while a cluster run is going). A run
+    with a corrupt record file is left out of every table, listed as ``corrupt`` with the file and the reader's
+    message, and its records are moved to ``<run dir>/corrupt/`` so that the next ``snakemake`` reruns it.
     """
     results_dir = Path(results_dir)
-    run_dirs = [results_dir / "runs" / r for r in expected_run_ids]
-    build_database(results_dir / "adaptlab.duckdb", run_dirs, list(expected_run_ids))
-    export(results_dir / "adaptlab.duckdb", results_dir / "tables", results_dir / "figures")
-    with duckdb.connect(str(results_dir / "adaptlab.duckdb"), read_only=True) as con:
-        return con.execute("SELECT run_id, status, error FROM run_status").fetchall()
+    db = results_dir / "adaptlab.duckdb"
+    states = build_database(db, run_states(results_dir, expected))
+    moved = {st.run_id: f"{st.detail} (records moved to {quarantine(results_dir / 'runs' / st.run_id)}/; "
+                        "the next snakemake reruns the run)" for st in states if st.state == "corrupt"}
+    with duckdb.connect(str(db)) as con:
+        for run_id, detail in moved.items():
+            for table in ("run_states", "run_status"):
+                con.execute(f"UPDATE {table} SET detail = ? WHERE run_id = ?", [detail, run_id])
+        not_ok = con.execute("SELECT run_id, status, coalesce(detail, error) FROM run_status").fetchall()
+    export(db, results_dir / "tables", results_dir / "figures")
+    write_overview(db, results_dir / OVERVIEW_NAME)
+    return not_ok

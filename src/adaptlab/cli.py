@@ -5,6 +5,7 @@
     adaptlab validate configs/paper.yaml
     adaptlab runs --configfile configs/paper.yaml
     adaptlab aggregate            # rebuild the database from whatever runs exist (lists missing ones)
+    adaptlab status               # runs per study and state (ok/stale/failed/diverged/missing/corrupt/running)
 """
 from __future__ import annotations
 
@@ -91,15 +92,36 @@ def _runs(args) -> int:
 
 def _aggregate(args) -> int:
     from adaptlab.aggregate import aggregate
-    from adaptlab.studies import expected_run_ids
+    from adaptlab.studies import expected_runs
 
     cfg = _load(args.configfile)
     if cfg is None:
         return 1
-    bad = aggregate(args.results, expected_run_ids(cfg))
-    for run_id, status, _ in bad:
-        print(f"{status:9s} {run_id}")
+    bad = aggregate(args.results, expected_runs(cfg))
+    for run_id, status, detail in bad:
+        print(f"{status:9s} {run_id}" + (f"  {detail.splitlines()[0]}" if detail and status != "failed" else ""))
     print(f"{len(bad)} run(s) not ok; database: {Path(args.results) / 'adaptlab.duckdb'}")
+    return 0
+
+
+def _status(args) -> int:
+    """Counts per study and state, read from the run directories (nothing is rebuilt or moved)."""
+    from adaptlab.aggregate import format_markdown
+    from adaptlab.run_state import STATES, counts, run_states
+    from adaptlab.studies import expected_runs
+
+    cfg = _load(args.configfile)
+    if cfg is None:
+        return 1
+    states = run_states(args.results, expected_runs(cfg))
+    table = counts(states)
+    rows = [(study, *(c[s] for s in STATES), sum(c.values())) for study, c in table.items()]
+    rows.append(("total", *(sum(c[s] for c in table.values()) for s in STATES), len(states)))
+    sys.stdout.write(format_markdown(["study", *STATES, "runs"], rows))
+    if args.list:
+        for st in states:
+            if st.state != "ok":
+                print(f"{st.state:9s} {st.run_id}" + (f"  {st.detail}" if st.detail else ""))
     return 0
 
 
@@ -120,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configfile", default="config.yaml")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_aggregate)
+    p = sub.add_parser("status", help="count runs per study and state, from the run directories")
+    p.add_argument("--configfile", default="config.yaml")
+    p.add_argument("--results", default="results")
+    p.add_argument("--list", action="store_true", help="also list every run that is not ok, with its detail")
+    p.set_defaults(func=_status)
     args = parser.parse_args(argv)
     return args.func(args)
 

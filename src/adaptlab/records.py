@@ -7,14 +7,21 @@ norm) with the validation metrics filled at eval steps. Studies append their own
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 STATUSES = ("ok", "diverged", "failed")
+RUNNING_NAME = "running.json"  # in a run's directory while a process trains it (``adaptlab.run_state``)
 
 SUMMARY_FIELDS = [
     pa.field("run_id", pa.string(), nullable=False),
@@ -47,12 +54,26 @@ SUMMARY_FIELDS = [
     pa.field("device", pa.string()),
     pa.field("adaptlab_version", pa.string()),
     pa.field("torch_version", pa.string()),
+    # provenance (``provenance()``): the code and the machine that produced the run
+    pa.field("git_commit", pa.string()),  # the commit of the adaptlab checkout, or "no git"
+    pa.field("git_dirty", pa.bool_()),  # tracked files modified at run time (null without git)
+    pa.field("code_fingerprint", pa.string()),  # adaptlab.fingerprint over the code this kind of run executes
+    pa.field("code_modules", pa.string()),  # JSON {module: code hash}: what run_status compares to find stale runs
+    pa.field("timm_version", pa.string()),
+    pa.field("peft_version", pa.string()),
+    pa.field("snakemake_version", pa.string()),
+    pa.field("device_name", pa.string()),  # e.g. "NVIDIA H200", or the CPU model
+    pa.field("hostname", pa.string()),
+    pa.field("slurm_job_id", pa.string()),  # SLURM_JOB_ID (array jobs: <job>_<task>), null outside SLURM
     pa.field("config_json", pa.string()),
 ]
 SUMMARY_SCHEMA = pa.schema(SUMMARY_FIELDS)
 
 # Metrics that vary with the machine and the moment, not with the config and seed.
 TIMING_COLUMNS = ("wall_seconds", "steps_per_s", "peak_rss_mb", "peak_gpu_mem_mb", "resumed_from")
+# What differs between machines and checkouts for the same config and seed (not part of a run's results).
+PROVENANCE_COLUMNS = ("git_commit", "git_dirty", "code_fingerprint", "code_modules", "timm_version", "peft_version",
+                      "snakemake_version", "device_name", "hostname", "slurm_job_id")
 
 STEPS_FIELDS = [
     pa.field("run_id", pa.string(), nullable=False),
@@ -61,6 +82,55 @@ STEPS_FIELDS = [
     pa.field("lr", pa.float64()),
     pa.field("grad_norm", pa.float64()),
 ]
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def git_state() -> tuple[str, bool | None]:
+    """(commit, dirty) of the checkout adaptlab runs from; ("no git", None) outside one or without git."""
+    from adaptlab.fingerprint import ROOT
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "no git", None
+    return commit, dirty
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(kind: str, study: str | None, device_name: str) -> dict:
+    """The provenance columns of a run of ``kind`` (``PROVENANCE_COLUMNS``), for its summary row."""
+    from adaptlab.fingerprint import entry_module, fingerprint, module_hashes
+
+    commit, dirty = git_state()
+    hashes = module_hashes(entry_module(kind, study))
+    job = os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return {"git_commit": commit, "git_dirty": dirty, "code_fingerprint": fingerprint(hashes),
+            "code_modules": json.dumps(hashes, sort_keys=True), "timm_version": _version("timm"),
+            "peft_version": _version("peft"), "snakemake_version": _version("snakemake"),
+            "device_name": device_name, "hostname": socket.gethostname(), "slurm_job_id": job}
 
 
 def summary_schema(extra_fields: list[pa.Field] | None = None) -> pa.Schema:
@@ -129,6 +199,15 @@ def write_steps(path: str | Path, run_id: str, log: dict[str, list[float]]) -> p
     table = pa.Table.from_pydict(cols, schema=schema)
     _write(table, path)
     return table
+
+
+def recorded_fingerprint(path: str | Path) -> str | None:
+    """The ``code_fingerprint`` a summary recorded; None when there is no readable summary or it has none."""
+    try:
+        table = pq.ParquetFile(path).read(columns=["code_fingerprint"])
+        return table.column(0)[0].as_py()
+    except Exception:  # noqa: BLE001 - absent, corrupt or older records: no fingerprint to keep
+        return None
 
 
 def read_summary(path: str | Path) -> dict:

@@ -7,7 +7,10 @@ supplies only the body, so its run function reads like nanoGPT: build, fit, add 
 """
 from __future__ import annotations
 
+import json
+import os
 import resource
+import socket
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -34,6 +37,10 @@ MODEL_NAME = "model.safetensors"
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else records.cpu_name()
 
 
 def error_text(err: BaseException) -> str:
@@ -71,6 +78,7 @@ def summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, result
         "device": str(device),
         "adaptlab_version": adaptlab.__version__,
         "torch_version": torch.__version__,
+        **records.provenance(identity["kind"], identity.get("study"), device_name(device)),
         "config_json": stable_json(full_config),
     }
 
@@ -125,7 +133,24 @@ def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], Non
     a retry resumes); the best-val weights too unless ``keep_best``.
     """
     out_dir, dev, t0 = start_run(out_dir, threads, device)
-    run = Run(out_dir, dev, steps_planned, t0)
+    marker = _mark_running(out_dir)
+    try:
+        return _execute(Run(out_dir, dev, steps_planned, t0), identity, spec, body, on_error, extra_fields,
+                        keep_best, reraise)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _mark_running(out_dir: Path) -> Path:
+    """``running.json``: which process trains this run (``adaptlab.run_state`` reports it as ``running``)."""
+    marker = out_dir / records.RUNNING_NAME
+    marker.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "started": time.time()}))
+    return marker
+
+
+def _execute(run: Run, identity: dict, spec, body, on_error, extra_fields, keep_best, reraise) -> dict:
+    out_dir, dev, t0 = run.out_dir, run.device, run.started
     error, failure = None, None
     try:
         body(run)

@@ -38,6 +38,8 @@ class Study(Protocol):
       table of that name (empty, with that schema, when no run wrote one, so the study's SQL always runs).
     - ``TABLES``: name -> SQL over ``runs``, ``steps``, raw tables and earlier tables, or callable(con, name)
       that creates the table (for statistics SQL lacks). ``FIGURES``: name -> callable(con, path).
+    - ``CLAIMS``: the paper's claims as data (``adaptlab.claims.Claim``, usually in ``<section>/claims.py``),
+      checked over the results into the table ``paper_claims``.
     """
 
     SECTION: str
@@ -46,6 +48,7 @@ class Study(Protocol):
     RAW_TABLES: dict
     TABLES: dict[str, str | Callable]
     FIGURES: dict[str, Callable]
+    CLAIMS: list
 
     def check(self, cfg: dict) -> None: ...
 
@@ -72,16 +75,22 @@ def run_id(study: ModuleType | Study, kind: str, **fields) -> str:
     return study.RUN_IDS[kind].format(**fields)
 
 
-def expected_run_ids(cfg: dict, study_specs: dict[str, dict] | None = None) -> list[str]:
-    """Every run the config asks for: the pretraining of each backbone, the finetuning grids, each study's runs
-    (``study_specs``: section -> ``specs(cfg)`` when the caller has them already)."""
+def expected_runs(cfg: dict, study_specs: dict[str, dict] | None = None) -> dict[str, str]:
+    """Every run the config asks for, run id -> its study: the pretraining of each backbone ("pretrain"), the
+    finetuning grids (their grid's study), each study's runs (``study_specs``: section -> ``specs(cfg)`` when the
+    caller has them already). Raises ValueError when two of them claim the same id."""
     from adaptlab.config import backbone_names, expand_runs, pretrain_run_id
 
-    ids = [pretrain_run_id(b) for b in backbone_names(cfg)]
-    ids += [r.run_id for r in expand_runs(cfg)]
+    pairs = [(pretrain_run_id(b), "pretrain") for b in backbone_names(cfg)]
+    pairs += [(r.run_id, r.study) for r in expand_runs(cfg)]
     for s in studies():
-        ids += list(study_specs[s.SECTION] if study_specs is not None else s.specs(cfg))
-    dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
+        pairs += [(i, s.SECTION) for i in (study_specs[s.SECTION] if study_specs is not None else s.specs(cfg))]
+    dupes = sorted(i for i, n in Counter(i for i, _ in pairs).items() if n > 1)
     if dupes:
         raise ValueError(f"run ids claimed twice: {dupes[:5]}")
-    return ids
+    return dict(pairs)
+
+
+def expected_run_ids(cfg: dict, study_specs: dict[str, dict] | None = None) -> list[str]:
+    """The ids of ``expected_runs``, in order."""
+    return list(expected_runs(cfg, study_specs))

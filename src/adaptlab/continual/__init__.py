@@ -18,10 +18,11 @@ from __future__ import annotations
 import re
 
 from adaptlab.config import ConfigError
+from adaptlab.continual.claims import CLAIMS
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
 
 # the Study surface (adaptlab.studies.Study)
-__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
 SECTION = "continual"
 RUN_IDS = {"run": "continual/{cgrid}/{cbench}/{cmodel}/{cmethod}/seed{seed}"}
 RAW_TABLES = {"continual_task_metrics": RAW_SCHEMA}

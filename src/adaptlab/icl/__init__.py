@@ -15,11 +15,12 @@ function is ``adaptlab.icl.run.run_icl``.
 from __future__ import annotations
 
 from adaptlab.config import ConfigError, train_config
+from adaptlab.icl.claims import CLAIMS
 from adaptlab.icl.data import check_params
 from adaptlab.icl.tables import FIGURES, RAW_TABLES, SUMMARY_FIELDS, TABLES
 
 # the Study surface (adaptlab.studies.Study)
-__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
 SECTION = "icl"
 RUN_IDS = {"uni": "icl/uni/{scheme}/K{K}/seed{seed}", "mm": "icl/mm/{arm}/K{K2}/seed{seed}"}
 MODEL_NAME = "model.safetensors"

@@ -20,13 +20,14 @@ function is ``adaptlab.peft.run.run_peft``.
 from __future__ import annotations
 
 from adaptlab.config import ConfigError, backbone_names, backbone_spec, train_config
+from adaptlab.peft.claims import CLAIMS
 from adaptlab.peft.head_config import check_mask_size, head_config
 from adaptlab.peft.lora import LoraSpec
 from adaptlab.peft.methods import arm_fits, expand_arms
 from adaptlab.peft.tables import FIGURES, SUMMARY_FIELDS, TABLES
 
 # the Study surface (adaptlab.studies.Study)
-__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
 SECTION = "peft"
 SOURCE_ARM = "source"
 RUN_IDS = {"source": "peft/{ptask}/" + SOURCE_ARM, "arm": "peft/{ptask}/{arm}/seed{seed}"}

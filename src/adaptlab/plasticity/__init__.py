@@ -11,10 +11,11 @@ Settings live in the config section ``plasticity`` (schema: ``schemas/plasticity
 from __future__ import annotations
 
 from adaptlab.config import ConfigError, backbone_spec, run_model_config
+from adaptlab.plasticity.claims import CLAIMS
 from adaptlab.plasticity.tables import FIGURES, RAW_TABLES, SUMMARY_FIELDS, TABLES
 
 # the Study surface (adaptlab.studies.Study)
-__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
 SECTION = "plasticity"
 RUN_IDS = {"analysis": "plasticity/analysis/{backbone}/{dataset}",
            "linear_probe": "plasticity/linear_probe/{backbone}/{dataset}"}

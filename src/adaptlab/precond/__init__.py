@@ -13,10 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from adaptlab.config import ConfigError, backbone_names, backbone_spec, pretrain_spec, train_config
+from adaptlab.precond.claims import CLAIMS
 from adaptlab.precond.schema import CONDITION_SCHEMA, LOSS_SCHEMA, SUMMARY_FIELDS, TIMING_SCHEMA
 
 # the Study surface (adaptlab.studies.Study)
-__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES"]
+__all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
 SECTION = "precond"
 RUN_IDS = {"train": "precond/{phase}/{arm}/seed{seed}", "timing": "precond/timing"}
 TIMING_RUN = RUN_IDS["timing"]
