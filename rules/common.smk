@@ -6,6 +6,7 @@ from adaptlab.config import (FINETUNE_RUN_ID, ConfigError, RESULTS, expand_runs,
                              stable_json, validate_config)
 from adaptlab.fingerprint import code_fingerprint
 from adaptlab.records import recorded_fingerprint
+from adaptlab.run_state import quarantine_events
 from adaptlab.studies import expected_runs, run_id, studies
 
 try:
@@ -74,16 +75,18 @@ def study_params(section, kind):
     return lambda wc: stable_json(spec(wc))
 
 
-def code_version(section=None):
-    """A params function: the code fingerprint of the job's run (``adaptlab.fingerprint``; ``section``: the study
-    whose run module the job runs, None for pretraining and the finetuning grids). With
-    ``rerun_on_code_change`` it is the current code's, so Snakemake reruns exactly the runs whose code changed.
-    Without, it is the one the run recorded in its summary (the current one before it has run): a code change
-    reruns nothing, and switching the option on reruns only runs whose code changed since they ran."""
+def code_version(summary, section=None):
+    """A params function: the code fingerprint of the job's run (``adaptlab.fingerprint``). ``summary``: the rule's
+    summary output (a wildcard pattern); ``section``: the study whose run module the job runs, None for
+    pretraining and the finetuning grids. With ``rerun_on_code_change`` it is the current code's, so Snakemake
+    reruns exactly the runs whose code changed. Without, it is the one the run recorded in its summary (the
+    current one before it has run): a code change reruns nothing, and switching the option on reruns only the
+    runs whose code changed since they ran. (A function of the wildcards only: Snakemake does not record params
+    that are functions of the output.)"""
     current = code_fingerprint("finetune", None) if section is None else code_fingerprint("run", section)
     if CFG["rerun_on_code_change"]:
         return lambda wildcards: current
-    return lambda wildcards, output: recorded_fingerprint(output.summary) or current
+    return lambda wildcards: recorded_fingerprint(summary.format(**dict(wildcards.items()))) or current
 
 
 def job_log(section, kind):

@@ -9,7 +9,7 @@ rule continual_run:
     log:
         job_log("continual", "run"),
     params:
-        code=code_version("continual"),
+        code=code_version(study_run_dir("continual", "run") + "/summary.parquet", "continual"),
         spec=study_params("continual", "run"),
         on_error=CFG["finetune"]["on_error"],
     wildcard_constraints:

@@ -14,7 +14,7 @@ rule finetune:
     log:
         RUN_DIR + "/job.log",
     params:
-        code=code_version(),
+        code=code_version(RUN_DIR + "/summary.parquet"),
         run=run_params,
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

@@ -20,7 +20,7 @@ rule icl_uni:
         scheme="ape|rope|none",
         K=r"\d+",
     params:
-        code=code_version("icl"),
+        code=code_version(study_run_dir("icl", "uni") + "/summary.parquet", "icl"),
         spec=study_params("icl", "uni"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],
@@ -44,7 +44,7 @@ rule icl_mm:
         arm="pretrained|scratch",
         K2=r"\d+",
     params:
-        code=code_version("icl"),
+        code=code_version(study_run_dir("icl", "mm") + "/summary.parquet", "icl"),
         spec=study_params("icl", "mm"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

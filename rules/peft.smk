@@ -51,7 +51,7 @@ rule peft_source:
     log:
         job_log("peft", "source"),
     params:
-        code=code_version("peft"),
+        code=code_version(study_run_dir("peft", "source") + "/summary.parquet", "peft"),
         spec=study_params("peft", "source"),
         device=CFG["device"],
     threads: CFG.get("peft", {}).get("threads", 1)
@@ -68,7 +68,7 @@ rule peft_run:
     log:
         job_log("peft", "arm"),
     params:
-        code=code_version("peft"),
+        code=code_version(study_run_dir("peft", "arm") + "/summary.parquet", "peft"),
         spec=study_params("peft", "arm"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

@@ -17,7 +17,7 @@ rule plasticity_analysis:
     log:
         job_log("plasticity", "analysis"),
     params:
-        code=code_version("plasticity"),
+        code=code_version(study_run_dir("plasticity", "analysis") + "/summary.parquet", "plasticity"),
         spec=study_params("plasticity", "analysis"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],
@@ -35,7 +35,7 @@ rule linear_probe:
     log:
         job_log("plasticity", "linear_probe"),
     params:
-        code=code_version("plasticity"),
+        code=code_version(study_run_dir("plasticity", "linear_probe") + "/summary.parquet", "plasticity"),
         spec=study_params("plasticity", "linear_probe"),
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],

@@ -23,7 +23,7 @@ rule precond_train:
     log:
         job_log("precond", "train"),
     params:
-        code=code_version("precond"),
+        code=code_version(study_run_dir("precond", "train") + "/summary.parquet", "precond"),
         spec=study_params("precond", "train"),
         device=CFG["device"],
     wildcard_constraints:
@@ -45,7 +45,7 @@ rule precond_timing:
     log:
         job_log("precond", "timing"),
     params:
-        code=code_version("precond"),
+        code=code_version(summary_file(TIMING_RUN), "precond"),
         spec=lambda wc: stable_json(PRECOND[TIMING_RUN]),
     threads: PRECOND[TIMING_RUN]["timing"]["threads"] if PRECOND else 1
     script:

@@ -17,7 +17,7 @@ rule pretrain:
     log:
         PRETRAIN_DIR + "/job.log",
     params:
-        code=code_version(),
+        code=code_version(PRETRAIN_DIR + "/summary.parquet"),
         spec=lambda wc: stable_json(pretrain_spec(CFG, wc.backbone)),
         device=CFG["device"],
     threads: CFG["threads"]["pretrain"]

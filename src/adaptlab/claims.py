@@ -37,7 +37,8 @@ class Claim:
     @property
     def rule(self) -> str:
         if self.published is not None:
-            return f"|measured - ({self.published:g})| <= {self.tolerance:g}"
+            published = f"({self.published:g})" if self.published < 0 else f"{self.published:g}"
+            return f"|measured - {published}| <= {self.tolerance:g}"
         return f"measured {self.direction} {self.threshold:g}"
 
     def verdict(self, measured: float | None, n: int | None) -> str:

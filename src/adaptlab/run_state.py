@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,13 +148,25 @@ def run_states(results_dir: str | Path, expected: dict[str, str] | list[str]) ->
 
 
 def quarantine(run_dir: Path) -> Path:
-    """Move a corrupt run's record files (every ``*.parquet``) to ``<run dir>/corrupt/``, so that its summary is
-    missing and the next ``snakemake`` reruns it; nothing is deleted. Returns the quarantine directory."""
-    dest = run_dir / QUARANTINE_DIR
-    dest.mkdir(exist_ok=True)
+    """Move a corrupt run's record files (every ``*.parquet``) to ``<run dir>/corrupt/<time>/``, so that its summary
+    is missing and the next ``snakemake`` reruns it; nothing is deleted. Returns the quarantine directory."""
+    dest = run_dir / QUARANTINE_DIR / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
     for path in run_dir.glob("*.parquet"):
         shutil.move(str(path), dest / path.name)
     return dest
+
+
+def quarantine_events(results_dir: str | Path, run_ids) -> list[str]:
+    """``<run id>/<time>`` of every quarantine so far. The aggregate rule's params: a new one reruns the
+    aggregation, hence the quarantined runs (Snakemake does not recreate the missing inputs of an up-to-date job)."""
+    runs = Path(results_dir) / "runs"
+    events = []
+    for rid in run_ids:
+        qdir = runs / rid / QUARANTINE_DIR
+        if qdir.is_dir():
+            events += [f"{rid}/{d.name}" for d in sorted(qdir.iterdir())]
+    return events
 
 
 def counts(states: list[RunState]) -> dict[str, dict[str, int]]:
