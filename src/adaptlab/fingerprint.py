@@ -121,7 +121,10 @@ def changed_modules(recorded: dict[str, str]) -> list[str]:
     """The modules of a run's recorded ``{module: hash}`` whose code differs now (or that are gone)."""
     changed = []
     for name, digest in recorded.items():
-        path = module_path(name)
-        if path is None or _parsed(path, path.stat().st_mtime_ns)[0] != digest:
+        try:
+            current = _module_info(name)[0]
+        except KeyError:  # the module is gone
+            current = None
+        if current != digest:
             changed.append(name)
     return changed
