@@ -2,7 +2,15 @@
 # grid × benchmark × model × method × seed. `snakemake continual_runs` runs this study alone.
 
 
+def continual_inputs(wc):
+    """The prepared dataset of a benchmark with inputs: dataset (none for generated inputs)."""
+    bench = study_spec("continual", "run")(wc)["benchmark"]
+    return {"data": dataset_file(bench["dataset"])} if bench["inputs"] == "dataset" else {}
+
+
 rule continual_run:
+    input:
+        unpack(continual_inputs),
     output:
         summary=study_run_dir("continual", "run") + "/summary.parquet",
         metrics=study_run_dir("continual", "run") + "/continual_task_metrics.parquet",

@@ -238,7 +238,7 @@ def test_missing_npy_names_dataset_key_and_path(tmp_path):
 
 def test_unknown_kind_raises():
     with pytest.raises(ValueError, match=r"datasets\.weird\.kind"):
-        build_dataset("weird", {"kind": "mnist"})
+        build_dataset("weird", {"kind": "svhn"})  # (mnist is a kind now)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -251,19 +251,70 @@ def test_slurm_profile_with_mock_slurm(tmp_path):
     print("finetune group: sbatch", short(groups[0]), f"--wrap=<{len(groups[0]['targets'])} finetune jobs>")
 
 
-def test_slurm_profile_dry_run_paper(tmp_path):
-    """`snakemake -n` with the profile on the paper preset: no data or SLURM needed; the profile's grouping applies."""
+def job_rules() -> dict[str, str]:
+    """Every rule that runs something (script/shell) and is not a localrule: rule name -> its rules file."""
+    local = set()
+    rules = {}
+    for smk in sorted((REPO / "rules").glob("*.smk")):
+        text = smk.read_text()
+        for block in re.findall(r"^localrules:\s*([^\n]+)", text, flags=re.M):
+            local |= {r.strip() for r in block.split(",") if r.strip()}
+        for name, body in re.findall(r"^rule (\w+):\n((?:[ \t]+.*\n|\n)*)", text, flags=re.M):
+            if re.search(r"^\s+(script|shell|run):", body, flags=re.M):
+                rules[name] = smk.name
+    return {r: f for r, f in rules.items() if r not in local}
+
+
+def test_every_job_rule_has_explicit_cluster_resources():
     profile = yaml.safe_load(PROFILE.read_text())
+    entries = profile["set-resources"]
+    rules = job_rules()
+    assert {"prepare_data", "finetune", "precond_train", "icl_uni", "continual_run", "peft_run"} <= set(rules)
+    for rule, smk in rules.items():
+        assert rule in entries, f"profiles/slurm: rule {rule} (rules/{smk}) has no set-resources entry"
+        entry = entries[rule]
+        for key in ("slurm_partition", "runtime", "mem_mb", "cpus_per_task"):
+            assert key in entry, f"profiles/slurm: set-resources.{rule} has no {key}"
+        if entry.get("gpu"):
+            assert entry["gpu"] == 1 and "GPU" in entry["slurm_partition"], (rule, entry)
+    assert set(entries) <= set(rules), "set-resources entries for rules that do not exist"
+
+
+def test_slurm_profile_dry_run_paper_resolves_every_rules_resources(tmp_path):
+    """`snakemake -n` with the profile on the paper preset: no data or SLURM needed. Every job resolves to its rule's
+    entry (partition, GPU, runtime, memory, CPUs); finetune runs are grouped by the profile's group size."""
+    profile = yaml.safe_load(PROFILE.read_text())
+    entries = profile["set-resources"]
     group_size = profile["group-components"]["finetune"]
     work = tmp_path / "wf"
     copy_workflow(work)
+    t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/slurm", "--configfile",
-                           "configs/paper.yaml"], cwd=work, capture_output=True, text=True, timeout=120)
+                           "configs/paper.yaml"], cwd=work, capture_output=True, text=True, timeout=300)
+    elapsed = time.time() - t0
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     n_runs = len(expand_runs(load_config(work / "configs" / "paper.yaml")))
     assert log.count("Group job finetune") == -(-n_runs // group_size)
-    finetune_resources = re.findall(r"rule finetune:\n(?:.*\n)*?\s+resources: (.*)", log)
-    assert len(finetune_resources) == n_runs
-    assert all("gpu=1" in r and f"slurm_partition={profile['set-resources']['finetune']['slurm_partition']}" in r
-               for r in finetune_resources)
+    jobs = re.findall(r"^[ \t]*(?:local)?rule (\w+):\n((?:[ \t]+.*\n)*?[ \t]+resources: .*\n)", log, flags=re.M)
+    by_rule: dict[str, list[dict]] = {}
+    for rule, body in jobs:
+        found = re.findall(r"^\s+resources: (.*)$", body, flags=re.M)[-1]
+        res = dict(kv.split("=", 1) for kv in found.split(", "))
+        by_rule.setdefault(rule, []).append(res)
+    for study_rule in ("precond_train", "icl_uni", "continual_run", "peft_run", "finetune", "plasticity_analysis"):
+        assert by_rule.get(study_rule), f"the paper preset plans no {study_rule} job"
+    lines = [f"paper dry run: {elapsed:.1f} s"]
+    for rule, resolved in sorted(by_rule.items()):
+        if rule in ("aggregate", "all"):
+            continue
+        entry = entries[rule]
+        for res in resolved:
+            assert res.get("slurm_partition") == entry["slurm_partition"], (rule, res)
+            assert int(res["runtime"]) == entry["runtime"] and int(res["mem_mb"]) == entry["mem_mb"], (rule, res)
+            assert int(res["cpus_per_task"]) == entry["cpus_per_task"], (rule, res)
+            assert (res.get("gpu") == "1") == bool(entry.get("gpu")), (rule, res)
+        lines.append(f"  {rule:20s} {len(resolved):5d} jobs  partition={entry['slurm_partition']} "
+                     f"gpu={entry.get('gpu', 0)} runtime={entry['runtime']} min mem_mb={entry['mem_mb']} "
+                     f"cpus={entry['cpus_per_task']}")
+    print("\n" + "\n".join(lines))

@@ -23,10 +23,12 @@ import torch
 from safetensors.torch import load_file
 
 import adaptlab
-from adaptlab import records
+from adaptlab import records, run_dir
 from adaptlab.config import config_hash, pretrain_run_id, stable_json
 from adaptlab.data.store import load_dataset
+from adaptlab.fingerprint import entry_module, fingerprint, module_hashes
 from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
+from adaptlab import preemption
 from adaptlab.train.device import resolve_device, set_threads
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.tasks import ImageClassification
@@ -123,22 +125,34 @@ class Run:
 
 def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], None], *, steps_planned: int,
             device: str = "auto", threads: int = 1, on_error: str = "record", extra_fields=(),
-            keep_best: bool = False, reraise: bool = False) -> dict:
+            keep_best: bool = False, reraise: bool = False, inputs=()) -> dict:
     """Run ``body`` as one run and write its records (``summary.parquet``, ``steps.parquet``, raw tables).
 
     ``identity``: run_id, kind, study, grid, backbone, dataset, seed, lr, optimizer, trainable. ``spec``: what
-    the run used, recorded as ``config_json``. An exception in ``body`` re-raises with ``on_error='raise'``;
-    otherwise the run is recorded ``failed`` with its error (and, with ``reraise``, raised after that: for runs
-    whose outputs others need). The checkpoint is removed once the run is recorded (kept for a failed one, so
-    a retry resumes); the best-val weights too unless ``keep_best``.
+    the run used, recorded as ``config_json``. ``inputs``: the files the run reads (weights, datasets); with the
+    config and the code they key the kept records (``adaptlab.run_dir``: a retry after a failed group job restores
+    a finished run instead of training it again). One process at a time trains a run directory (a lock; a second
+    one waits). An exception in ``body`` re-raises with ``on_error='raise'``; otherwise the run is recorded
+    ``failed`` with its error (and, with ``reraise``, raised after that: for runs whose outputs others need). A
+    stop signal (``preemption.Preempted``) writes no records: the checkpoint stays and a retry resumes. The
+    checkpoint is removed once the run is recorded (kept for a failed one, so a retry resumes); the best-val
+    weights too unless ``keep_best``.
     """
     out_dir, dev, t0 = start_run(out_dir, threads, device)
-    marker = _mark_running(out_dir)
-    try:
-        return _execute(Run(out_dir, dev, steps_planned, t0), identity, spec, body, on_error, extra_fields,
-                        keep_best, reraise)
-    finally:
-        marker.unlink(missing_ok=True)
+    key = run_dir.record_key(stable_json(spec), fingerprint(module_hashes(entry_module(identity["kind"],
+                                                                                    identity.get("study")))), inputs)
+    with run_dir.exclusive(out_dir), preemption.watch():
+        if run_dir.restore(out_dir, key) is not None:
+            return records.read_summary(out_dir / "summary.parquet")
+        marker = _mark_running(out_dir)
+        try:
+            row = _execute(Run(out_dir, dev, steps_planned, t0), identity, spec, body, on_error, extra_fields,
+                           keep_best, reraise)
+        finally:
+            marker.unlink(missing_ok=True)
+        if row["status"] in ("ok", "diverged"):
+            run_dir.keep(out_dir, key)
+        return row
 
 
 def _mark_running(out_dir: Path) -> Path:
@@ -154,6 +168,8 @@ def _execute(run: Run, identity: dict, spec, body, on_error, extra_fields, keep_
     error, failure = None, None
     try:
         body(run)
+    except preemption.Preempted:
+        raise  # not a failure: no records, the checkpoint stays, the retried job resumes
     except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
         if on_error == "raise":
             raise
@@ -211,7 +227,7 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
         save_model_weights(run.model, run.out_dir / MODEL_NAME, metadata={"best_step": str(run.result.best_step)})
 
     return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
-                   on_error="raise")
+                   on_error="raise", inputs=[p for p in (data_path, spec.get("weights")) if p and Path(p).is_file()])
 
 
 def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_path: str | Path,
@@ -240,4 +256,4 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
                        on_step=on_step)
 
     return execute(identity, full_config, out_dir, body, steps_planned=cfg["steps"], device=device,
-                   threads=threads, on_error=on_error, keep_best=cfg["keep_weights"])
+                   threads=threads, on_error=on_error, keep_best=cfg["keep_weights"], inputs=[pretrained_path, data_path])

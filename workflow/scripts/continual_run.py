@@ -7,4 +7,5 @@ from adaptlab.joblog import job_log
 
 with job_log(snakemake.log[0]):
     run_continual(json.loads(snakemake.params.spec), Path(snakemake.output.summary).parent,
-                  threads=snakemake.threads, on_error=snakemake.params.on_error)
+                  threads=snakemake.threads, on_error=snakemake.params.on_error,
+                  data_path=snakemake.input.get("data"))

@@ -46,16 +46,21 @@ def check(cfg: dict) -> None:
                 raise ConfigError(f"continual.grids.{gname}.{key}: duplicate values {grid[key]}")
         for b in grid["benchmarks"]:
             bench = sec["benchmarks"][b]
-            if bench["labels"] == "permuted" and bench["inputs"] != "digits":
-                raise ConfigError(f"continual.benchmarks.{b}.labels: permuted tasks need digits inputs (true labels)")
+            if bench["labels"] == "permuted" and bench["inputs"] == "gaussian":
+                raise ConfigError(f"continual.benchmarks.{b}.labels: permuted tasks need image inputs (true labels)")
+            if bench["labels"] == "pairs" and bench["inputs"] != "dataset":
+                raise ConfigError(f"continual.benchmarks.{b}.labels: pairs tasks need inputs: dataset")
+            if bench["inputs"] == "dataset" and bench.get("dataset") not in cfg["datasets"]:
+                raise ConfigError(f"continual.benchmarks.{b}.dataset: {bench.get('dataset')!r} is not a dataset of "
+                                  f"`datasets` (declared: {sorted(cfg['datasets'])})")
             if bench["inputs"] == "digits" and bench["n"] > 1797:
                 raise ConfigError(f"continual.benchmarks.{b}.n: digits has 1797 images, got {bench['n']}")
             for m in grid["models"]:
                 model = sec["models"][m]
-                if model["kind"] == "vit" and bench["inputs"] != "digits":
+                if model["kind"] == "vit" and bench["inputs"] == "gaussian":
                     raise ConfigError(f"continual.grids.{gname}: model {m!r} (vit) needs image inputs, "
                                       f"benchmark {b!r} is {bench['inputs']}")
-                if model["kind"] == "vit" and 8 % model["patch_size"]:
+                if model["kind"] == "vit" and bench["inputs"] == "digits" and 8 % model["patch_size"]:
                     raise ConfigError(f"continual.models.{m}.patch_size: must divide the 8×8 digits")
 
 

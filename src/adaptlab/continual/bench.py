@@ -1,11 +1,15 @@
 """The continual-learning plasticity benchmark: task sequences, models and the published baselines.
 
-Task sequences on fixed inputs (shared/papers/adamo.md §4):
+Task sequences (shared/papers/adamo.md §4):
 - ``random`` labels: every task redraws y ~ U{0..C−1} on the same inputs (pure memorisation, the strongest
-  plasticity-loss inducer);
-- ``permuted`` inputs: true labels, every task applies a fresh pixel permutation (a weaker effect).
-Inputs are ``gaussian`` (X ~ N(0, 1), n × dim) or scikit-learn ``digits`` (8×8, standardised). The inputs and
-every task's labels/permutation depend on the run's seed only, so all methods see the same sequence.
+  plasticity-loss inducer; random-label CIFAR-10);
+- ``permuted`` inputs: true labels, every task applies a fresh pixel permutation (a weaker effect; permuted MNIST);
+- ``pairs``: continual ImageNet (Dohare et al. 2024): each task is a new binary problem between two random
+  classes of a prepared dataset, with its own train images and held-out test images.
+Inputs are ``gaussian`` (X ~ N(0, 1), n × dim), scikit-learn ``digits`` (8×8, standardised) or a prepared
+``dataset`` of the config (MNIST, CIFAR-10, downsampled ImageNet, ...; grey datasets keep one channel). The
+inputs and every task's labels/permutation/pair depend on the run's seed only, so all methods see the same
+sequence.
 
 Models: a ReLU MLP (``layers.i`` hidden Linear layers, ``head``) and a tiny timm ViT on 8×8 single-channel
 images with a ReLU MLP in each block (so dead units are defined as in the MLP).
@@ -33,13 +37,60 @@ from adaptlab.train.adamo import coupled_isometry_loss
 # Data
 
 
-def load_inputs(bench: dict, seed: int) -> tuple[torch.Tensor, np.ndarray | None, int]:
-    """(X (n, d) float32, the true labels or None, side of the square image or 0) for a benchmark spec."""
+def _images(x_uint8: np.ndarray, grey: bool) -> torch.Tensor:
+    """uint8 (n, H, W, 3) → float (n, C·H·W) in [0, 1], channel-major (C = 1 for grey datasets such as MNIST)."""
+    x = torch.from_numpy(np.ascontiguousarray(x_uint8[..., :1] if grey else x_uint8))
+    return x.permute(0, 3, 1, 2).reshape(len(x), -1).float().div_(255)
+
+
+def load_dataset_inputs(bench: dict, seed: int, data_path) -> dict:
+    """A prepared dataset (``datasets.<bench.dataset>``) as continual inputs: the train and test splits (uint8), the
+    image shape (C, H, W) and a scalar mean/std, so that each task converts only its own images to float (the
+    continual-ImageNet tasks draw from 1.28M images, 16 GB as float32)."""
+    from adaptlab.data.store import load_dataset
+
+    if data_path is None:
+        raise ValueError(f"benchmark with inputs: dataset ({bench['dataset']!r}) needs its prepared dataset file")
+    ds = load_dataset(data_path)
+    grey = bool(ds.meta.get("grey"))
+    shape = (1 if grey else 3,) + ds.x_train.shape[1:3]
+    probe = ds.x_train[np.random.default_rng(0).permutation(len(ds.x_train))[:10_000]]
+    ref = _images(probe, grey)
+    return {"train": (ds.x_train, ds.y_train), "test": (ds.x_test, ds.y_test), "grey": grey, "shape": shape,
+            "mean": ref.mean().item(), "std": ref.std().item(), "num_classes": ds.num_classes}
+
+
+def input_shape(bench: dict, data_path=None) -> tuple[int | tuple, int]:
+    """(the image shape value of ``load_inputs``, the number of true classes) without loading the images: a
+    dataset's from its prepared file's header."""
+    if bench["inputs"] != "dataset":
+        return (0, 10) if bench["inputs"] == "gaussian" else (8, 10)
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(data_path), framework="numpy") as fh:
+        meta, (_, h, w, _) = fh.metadata(), fh.get_slice("x_train").get_shape()
+    grey = bool(json.loads(meta["meta"]).get("grey"))
+    return (1 if grey else 3, h, w), int(meta["num_classes"])
+
+
+def load_inputs(bench: dict, seed: int, data_path=None) -> tuple[torch.Tensor, np.ndarray | None, int | tuple]:
+    """(X (n, d) float32, the true labels or None, image shape: 0 for vectors, the side of a square grey image
+    (digits), or (C, H, W)) for a benchmark of fixed inputs shared by all tasks."""
     rng = np.random.default_rng(seed)
     n = bench["n"]
     if bench["inputs"] == "gaussian":
         x = rng.standard_normal((n, bench["dim"]), dtype=np.float32)
         return torch.from_numpy(x), None, 0
+    if bench["inputs"] == "dataset":
+        d = load_dataset_inputs(bench, seed, data_path)
+        x_all, y_all = d["train"]
+        if n > len(x_all):
+            raise ValueError(f"benchmark n={n} exceeds the {len(x_all)} training images of {bench['dataset']!r}")
+        idx = np.sort(rng.permutation(len(x_all))[:n])
+        x = (_images(x_all[idx], d["grey"]) - d["mean"]) / d["std"]
+        return x, y_all[idx].astype(np.int64), d["shape"]
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -49,23 +100,33 @@ def load_inputs(bench: dict, seed: int) -> tuple[torch.Tensor, np.ndarray | None
     return torch.from_numpy(x), d.target[idx].astype(np.int64), 8
 
 
+def image_shape(shape) -> tuple[int, int, int] | None:
+    """(C, H, W) of ``load_inputs``' shape value (0: vectors → None; an int: a square grey image)."""
+    if not shape:
+        return None
+    return (1, shape, shape) if isinstance(shape, int) else tuple(shape)
+
+
 class ContinualTask:
     """One task of a sequence for the shared loop ``adaptlab.train.loop.fit``.
 
     Batches are drawn with replacement, a pure function of (seed, task, step). ``evaluate`` returns the
-    accuracy on the task's full training set for both splits: memorising the task *is* the plasticity
-    measure here, so there is no held-out split. ``loss`` also records the batch accuracy (online accuracy)
+    accuracy on the task's full training set for the val split: memorising the task *is* the plasticity
+    measure here. The test split is the same set, except for tasks with held-out images (``test``, the
+    continual-ImageNet pairs), where it is those. ``loss`` also records the batch accuracy (online accuracy)
     and adds the method's regulariser.
     """
 
     selection_metric = "acc"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor | None, seed: int, task: int,
-                 image_side: int = 0, regulariser=None):
+                 image_side=0, regulariser=None, test: tuple[torch.Tensor, torch.Tensor] | None = None):
+        shape = image_shape(image_side)
         if perm is not None:
             x = x[:, perm]
-        self.x = x.reshape(len(x), 1, image_side, image_side) if image_side else x
+        self.x = x.reshape(len(x), *shape) if shape else x
         self.y, self.seed, self.task, self.regulariser = y, seed, task, regulariser
+        self.test = None if test is None else (test[0].reshape(len(test[0]), *shape) if shape else test[0], test[1])
         self.online: list[float] = []
 
     def train_batch(self, step: int, batch_size: int):
@@ -82,20 +143,51 @@ class ContinualTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, autocast=None) -> dict[str, float]:
-        logits = model(self.x)
-        return {"acc": (logits.argmax(-1) == self.y).float().mean().item(),
-                "loss": F.cross_entropy(logits, self.y).item()}
+        x, y = self.test if split == "test" and self.test is not None else (self.x, self.y)
+        logits = torch.cat([model(x[i:i + 1024]) for i in range(0, len(x), 1024)])  # bounded activations
+        return {"acc": (logits.argmax(-1) == y).float().mean().item(), "loss": F.cross_entropy(logits, y).item()}
 
 
-def task_sequence(bench: dict, seed: int, n_tasks: int, classes: int):
-    """Yield (labels, permutation or None) for each task, a function of the seed only."""
-    x, true_y, _ = load_inputs(bench, seed)
+def _pair_tasks(bench: dict, seed: int, n_tasks: int, data: dict):
+    """Continual ImageNet (Dohare et al. 2024's protocol, our sizes): task t is the binary problem between two
+    classes drawn at random (seeded by seed and t), labels 0/1, trained on ``per_class`` train images of each
+    (all when unset) and tested on all their test images."""
+    (x_tr, y_tr), (x_te, y_te) = data["train"], data["test"]
+    by_class = {c: np.flatnonzero(y_tr == c) for c in range(data["num_classes"])}
+    test_by_class = {c: np.flatnonzero(y_te == c) for c in range(data["num_classes"])}
+    norm = lambda x: (_images(x, data["grey"]) - data["mean"]) / data["std"]  # noqa: E731
+    for t in range(n_tasks):
+        rng = np.random.default_rng([seed, 7_919, t])
+        pair = rng.choice(data["num_classes"], 2, replace=False)
+        tr = [rng.permutation(by_class[c])[:bench.get("per_class")] for c in pair]
+        te = [test_by_class[c] for c in pair]
+        if min(map(len, tr)) == 0 or min(map(len, te)) == 0:
+            raise ValueError(f"benchmark {bench['dataset']!r}: class pair {pair.tolist()} of task {t} has no "
+                             f"train or no test images")
+        ids, tids = np.concatenate(tr), np.concatenate(te)
+        y = torch.from_numpy(np.repeat([0, 1], [len(tr[0]), len(tr[1])]))
+        yt = torch.from_numpy(np.repeat([0, 1], [len(te[0]), len(te[1])]))
+        yield norm(x_tr[ids]), y, None, (norm(x_te[tids]), yt)
+
+
+def task_sequence(bench: dict, seed: int, n_tasks: int, classes: int, data_path=None):
+    """Yield (inputs, labels, permutation or None, held-out (inputs, labels) or None) for each task, a function
+    of the seed only. Fixed-input benchmarks reuse the inputs of ``load_inputs`` in every task."""
+    if bench["labels"] == "pairs":
+        yield from _pair_tasks(bench, seed, n_tasks, load_dataset_inputs(bench, seed, data_path))
+        return
+    x, true_y, shape = load_inputs(bench, seed, data_path)
+    img = image_shape(shape)
     for t in range(n_tasks):
         g = torch.Generator().manual_seed(seed * 7_919 + t + 1)
         if bench["labels"] == "random":
-            yield torch.randint(classes, (len(x),), generator=g), None
-        else:
-            yield torch.from_numpy(true_y), torch.randperm(x.shape[1], generator=g)
+            yield x, torch.randint(classes, (len(x),), generator=g), None, None
+        else:  # a pixel permutation, the same in every channel
+            pix = img[1] * img[2] if img else x.shape[1]
+            perm = torch.randperm(pix, generator=g)
+            if img and img[0] > 1:
+                perm = torch.cat([c * pix + perm for c in range(img[0])])
+            yield x, torch.from_numpy(true_y), perm, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,12 +217,17 @@ class MLP(nn.Module):
         return [(f"layers.{i}", a, l, o) for i, (a, l, o) in enumerate(zip(self.acts, self.layers, outs))]
 
 
-def build_model(model_cfg: dict, in_dim: int, image_side: int, classes: int) -> nn.Module:
+def build_model(model_cfg: dict, in_dim: int, image_side, classes: int) -> nn.Module:
+    """``image_side``: the shape value of ``load_inputs`` (a ViT needs an image)."""
     if model_cfg["kind"] == "mlp":
         return MLP(in_dim, model_cfg["width"], model_cfg["depth"], classes)
     from timm.models.vision_transformer import VisionTransformer
 
-    vit = VisionTransformer(img_size=image_side, patch_size=model_cfg["patch_size"], in_chans=1, num_classes=classes,
+    shape = image_shape(image_side)
+    if shape is None or shape[1] != shape[2] or shape[1] % model_cfg["patch_size"]:
+        raise ValueError(f"continual vit model: needs square images whose side the patch_size "
+                         f"{model_cfg['patch_size']} divides, got inputs of shape {shape}")
+    vit = VisionTransformer(img_size=shape[1], patch_size=model_cfg["patch_size"], in_chans=shape[0], num_classes=classes,
                             embed_dim=model_cfg["width"], depth=model_cfg["depth"], num_heads=model_cfg["num_heads"],
                             mlp_ratio=model_cfg["mlp_ratio"], qkv_bias=True, class_token=False, global_pool="avg",
                             act_layer=nn.ReLU)

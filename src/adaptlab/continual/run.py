@@ -4,8 +4,10 @@ The shared loop runs each task: the task object (``bench.ContinualTask``) suppli
 evaluation; the optimizer is built once and handed to every ``fit`` call (``optimizer=``), so Adam's moments
 and step count carry across task boundaries as in a single long run. Per-task fit settings: constant lr
 (no warmup, ``min_lr_factor`` 1), no gradient clipping, one evaluation at the task's last step (so restoring
-the "best" weights at the end of fit is a no-op), no mid-task checkpoints: a killed continual run restarts
-from task 0 (runs are ~10 s to a minute).
+the "best" weights at the end of fit is a no-op). After each task the whole sequence state (model, optimizer
+moments, RNG, steps log, per-task rows, ReDo masks) goes to ``ckpt.safetensors``; a killed or preempted run resumes
+at the next task, and a run stopped by a signal inside a task resumes at that step (fit's own checkpoint in
+``fit/``). Either way it ends with the records of an uninterrupted run.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from adaptlab.config import config_hash, train_config
 from adaptlab.continual import bench, metrics
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
 from adaptlab.runner import Run, execute
-from adaptlab.train.loop import BEST_NAME, FitResult, fit
+from adaptlab.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.optim import build_optimizer
 
 
@@ -67,8 +70,10 @@ def measure(model, opt_cfg: dict, x_probe: torch.Tensor, x_ntk: torch.Tensor | N
     return rows, masks
 
 
-def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error: str = "record") -> dict:
-    """Train through the task sequence of ``spec`` (a run's params); write summary and task-metric Parquet."""
+def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error: str = "record",
+                  data_path: str | Path | None = None) -> dict:
+    """Train through the task sequence of ``spec`` (a run's params); write summary and task-metric Parquet.
+    ``data_path``: the prepared dataset of a benchmark with ``inputs: dataset``."""
     g, method = spec["grid_cfg"], spec["method"]
     cfg = fit_config(spec)
     identity = {"run_id": spec["run_id"], "kind": "continual", "study": "continual", "grid": spec["grid"],
@@ -85,23 +90,35 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
         run.extra.update(method=spec["method_name"], summary_tasks=k, n_tasks=0, acc_first=None, acc_last=None,
                          dead_frac_end=None)
         seed = spec["seed"]
-        x, _, side = bench.load_inputs(spec["benchmark"], seed)
-        classes = g["classes"] if spec["benchmark"]["labels"] == "random" else 10
+        b = spec["benchmark"]
+        side, n_true = bench.input_shape(b, data_path)
+        classes = {"random": g["classes"], "pairs": 2, "permuted": n_true}[b["labels"]]
+        in_dim = math.prod(bench.image_shape(side)) if side else b["dim"]
         torch.manual_seed(seed)
-        run.model = model = bench.build_model(spec["model"], x.shape[1], side, classes)
+        run.model = model = bench.build_model(spec["model"], in_dim, side, classes)
         opt = build_optimizer(list(model.named_parameters()), cfg)
         reg = bench.make_regulariser(method, model, cfg["isometry_patterns"], cfg["isometry_exclude"])
         fit_dir = run.out_dir / "fit"
         masks, last = {}, None
-        for t, (y, perm) in enumerate(bench.task_sequence(spec["benchmark"], seed, g["tasks"], classes)):
+        ckpt, run_key = run.out_dir / CKPT_NAME, config_hash(spec)
+        resume = _load_boundary(ckpt, run_key, model, opt)
+        if resume is not None:
+            first, accs, dead, masks, rows_so_far, log = resume
+            table_rows += rows_so_far
+            run.log = log
+            run.extra.update(n_tasks=len(accs), acc_first=sum(accs[:k]) / len(accs[:k]))
+        tasks = bench.task_sequence(b, seed, g["tasks"], g["classes"], data_path)
+        for t, (x, y, perm, held_out) in enumerate(tasks):
+            if resume is not None and t < first:
+                continue  # done before the restart: the sequence is regenerated (seeded), not retrained
             if t > 0 and (method["shrink"] is not None or method["redo_tau"] is not None):
                 torch.manual_seed(seed * 1_000 + t)
-                fresh = bench.build_model(spec["model"], x.shape[1], side, classes)
+                fresh = bench.build_model(spec["model"], in_dim, side, classes)
                 if method["shrink"] is not None:
                     bench.shrink_perturb(model, fresh, method["shrink"], method["perturb"])
                 if method["redo_tau"] is not None:
                     bench.redo_reset(model, fresh, opt, masks.get(f"{method['redo_tau']:g}", {}))
-            task = bench.ContinualTask(x, y, perm, seed, t, side, reg)
+            task = bench.ContinualTask(x, y, perm, seed, t, side, reg, test=held_out)
             last = fit(model, task, cfg, fit_dir, device=run.device, config_id=config_hash([spec, t]), optimizer=opt)
             n_before, n_new = len(log["step"]), len(last.log["step"])
             for key in set(log) | set(last.log):  # val_* columns exist only in some logs: pad with NaN
@@ -122,6 +139,8 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
             rows, masks = measure(model, cfg, probe, task.x[: g["ntk_probe"]] if do_ntk else None, taus_run)
             rows += [("all", "acc", last.best_val["acc"]), ("all", "loss", last.best_val["loss"]),
                      ("all", "online_acc", sum(task.online) / len(task.online))]
+            if held_out is not None:  # pairs: accuracy on the pair's held-out images (Dohare et al.'s measure)
+                rows.append(("all", "test_acc", last.test["acc"]))
             accs.append(last.best_val["acc"])
             dead.append(next(v for l, k_, v in rows if l == "all" and k_ == "dead"))
             table_rows += [{"run_id": spec["run_id"], "grid": spec["grid"], "benchmark": spec["benchmark_name"],
@@ -131,8 +150,28 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
             run.extra.update(n_tasks=len(accs), acc_first=sum(accs[:k]) / len(accs[:k]),
                              acc_last=sum(accs[-k:]) / len(accs[-k:]) if done else None,
                              dead_frac_end=dead[-1] if done else None)
+            (fit_dir / CKPT_NAME).unlink(missing_ok=True)
+            if not done:
+                _save_boundary(ckpt, run_key, t + 1, model, opt, log, accs, dead, masks, table_rows)
         (fit_dir / BEST_NAME).unlink(missing_ok=True)
 
-    # tiny models: the CPU is faster than a GPU launch per op
+    # tiny models: the CPU is faster than a GPU launch per op; execute removes ckpt.safetensors once recorded
     return execute(identity, spec, out_dir, body, steps_planned=g["steps"] * g["tasks"], device="cpu",
-                   threads=threads, on_error=on_error, extra_fields=SUMMARY_FIELDS)
+                   threads=threads, on_error=on_error, extra_fields=SUMMARY_FIELDS,
+                   inputs=[data_path] if data_path else [])
+
+
+def _save_boundary(path: Path, run_key: str, next_task: int, model, opt, log, accs, dead, masks, rows) -> None:
+    meta = {"config_id": run_key, "next_task": next_task, "accs": accs, "dead": dead, "rows": rows,
+            "masks": {tau: {layer: m.tolist() for layer, m in by_layer.items()} for tau, by_layer in masks.items()}}
+    save_checkpoint(path, model, opt, log, meta)
+
+
+def _load_boundary(path: Path, run_key: str, model, opt):
+    """(next task, accs, dead, masks, task rows, steps log) of this run's last finished task, or None."""
+    if not path.exists() or read_checkpoint_meta(path).get("config_id") != run_key:
+        return None
+    meta, log = load_checkpoint(path, model, opt)
+    masks = {tau: {layer: torch.tensor(m, dtype=torch.bool) for layer, m in by_layer.items()}
+             for tau, by_layer in meta["masks"].items()}
+    return meta["next_task"], meta["accs"], meta["dead"], masks, meta["rows"], log

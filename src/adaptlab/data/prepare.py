@@ -75,6 +75,17 @@ def _cifar100(name: str, spec: dict, meta: dict) -> ImageDataset:
     return _with_val(name, d["train"], d["test"], 100 if label == "fine" else 20, spec, meta)
 
 
+def _mnist(name: str, spec: dict, meta: dict) -> ImageDataset:
+    d = loaders.read_mnist_idx(spec["path"])
+    meta["grey"] = True  # the 3 channels are equal: continual benchmarks use one
+    return _with_val(name, d["train"], d["test"], 10, spec, meta)
+
+
+def _downsampled_imagenet(name: str, spec: dict, meta: dict) -> ImageDataset:
+    d = loaders.read_downsampled_imagenet(spec["path"])
+    return _with_val(name, d["train"], d["test"], 1000, spec, meta)
+
+
 def _npy(name: str, spec: dict, meta: dict) -> ImageDataset:
     x, y = loaders.read_npy_pair(spec["images"], spec["labels"], spec.get("rows"))
     num_classes = spec.get("num_classes") or int(y.max()) + 1
@@ -124,4 +135,5 @@ def prepare_dataset(name: str, spec: dict, out_path: str | Path) -> ImageDataset
 
 # datasets.<name>.kind -> builder(name, spec, meta)
 DATASET_KINDS = {"procedural": lambda name, spec, meta: _procedural(name, spec), "digits": _digits,
-                 "cifar10": _cifar10, "cifar100": _cifar100, "npy": _npy, "imagefolder": _image_folder}
+                 "cifar10": _cifar10, "cifar100": _cifar100, "npy": _npy, "imagefolder": _image_folder,
+                 "mnist": _mnist, "downsampled_imagenet": _downsampled_imagenet}

@@ -93,7 +93,7 @@ def run_icl(spec: dict, out_dir: str | Path, *, init_weights: str | Path | None 
                          icl_test_m2only_acc=test.get("m2only_acc"))
 
     return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
-                   on_error=on_error, extra_fields=SUMMARY_FIELDS)
+                   on_error=on_error, extra_fields=SUMMARY_FIELDS, inputs=[init_weights] if init_weights else [])
 
 
 def _save_weights(model, path: Path) -> None:

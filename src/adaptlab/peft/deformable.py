@@ -34,7 +34,11 @@ def ms_deform_attn_core(value: torch.Tensor, shapes: list[tuple[int, int]], loc:
         samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # (BH, dh, Q, P)
     stacked = torch.stack(samples, dim=-2).flatten(-2)  # (BH, dh, Q, L·P)
     w = weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
-    return (stacked * w).sum(-1).view(B, H * dh, Q).transpose(1, 2)
+    # contiguous, not the transposed view: a Linear on a non-contiguous 3-D input goes through matmul, which folds
+    # it to one mm (after a copy) only when the weight requires grad and runs bmm on the strided view otherwise;
+    # the two gemm layouts round differently (~1 ulp, MKL on CPU), so freezing output_proj (as LoRA does) would
+    # change the forward. With one layout the result does not depend on requires_grad.
+    return (stacked * w).sum(-1).view(B, H * dh, Q).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):

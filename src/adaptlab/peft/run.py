@@ -107,4 +107,5 @@ def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None,
 
     # the source stage's weights are the arms' input: it is recorded when it fails, then raises
     return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
-                   on_error=on_error, extra_fields=SUMMARY_FIELDS, reraise=is_source)
+                   on_error=on_error, extra_fields=SUMMARY_FIELDS, reraise=is_source,
+                   inputs=[p for p in (backbone_path, data_path, source_path) if p])

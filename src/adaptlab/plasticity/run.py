@@ -30,7 +30,7 @@ def _task(spec: dict, model, data_path, device) -> ImageClassification:
 RUN_KINDS = {"analysis": "plasticity_analysis", "linear_probe": "linear_probe"}
 
 
-def _execute(kind: str, spec: dict, out_dir, body, *, device: str, threads: int, on_error: str) -> dict:
+def _execute(kind: str, spec: dict, out_dir, body, *, device: str, threads: int, on_error: str, inputs) -> dict:
     run_id = RUN_IDS[kind].format(backbone=spec["backbone"], dataset=spec["dataset"])
     identity = {"run_id": run_id, "kind": RUN_KINDS[kind], "study": SECTION, "grid": None, "backbone": spec["backbone"], "dataset": spec["dataset"], "seed": 0,
                 "lr": None, "optimizer": None, "trainable": None}
@@ -41,7 +41,7 @@ def _execute(kind: str, spec: dict, out_dir, body, *, device: str, threads: int,
         body(run, run_id)
 
     return execute(identity, spec, out_dir, with_nulls, steps_planned=0, device=device, threads=threads,
-                   on_error=on_error, extra_fields=SUMMARY_FIELDS)
+                   on_error=on_error, extra_fields=SUMMARY_FIELDS, inputs=inputs)
 
 
 def run_analysis(spec: dict, weights, source_path, target_path, out_dir, *, device: str = "auto",
@@ -61,7 +61,8 @@ def run_analysis(spec: dict, weights, source_path, target_path, out_dir, *, devi
                                           RAW_TABLES["plasticity_probe"])
         run.extra.update(radius=stats["radius"], n_tokens=stats["n_tokens"], n_pairs=stats["n_pairs"])
 
-    return _execute("analysis", spec, out_dir, body, device=device, threads=threads, on_error=on_error)
+    return _execute("analysis", spec, out_dir, body, device=device, threads=threads, on_error=on_error,
+                    inputs=[weights, source_path, target_path])
 
 
 def run_linear_probe(spec: dict, weights, data_path, out_dir, *, device: str = "auto", threads: int = 1,
@@ -77,4 +78,5 @@ def run_linear_probe(spec: dict, weights, data_path, out_dir, *, device: str = "
                            max_iter=spec["linear_probe"]["max_iter"], C=spec["linear_probe"]["C"])
         run.extra.update(best_val_acc=acc["val"], test_acc=acc["test"], trainable_params=0)
 
-    return _execute("linear_probe", spec, out_dir, body, device=device, threads=threads, on_error=on_error)
+    return _execute("linear_probe", spec, out_dir, body, device=device, threads=threads, on_error=on_error,
+                    inputs=[weights, data_path])

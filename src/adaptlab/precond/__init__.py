@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adaptlab.config import ConfigError, backbone_names, backbone_spec, pretrain_spec, train_config
+from adaptlab.config import ConfigError, _deep_merge, backbone_names, backbone_spec, pretrain_spec, train_config
 from adaptlab.precond.claims import CLAIMS
 from adaptlab.precond.schema import CONDITION_SCHEMA, LOSS_SCHEMA, SUMMARY_FIELDS, TIMING_SCHEMA
 
@@ -47,27 +47,31 @@ def specs(cfg: dict) -> dict[str, dict]:
         return {}
     sec = cfg[SECTION]
     bb = backbone_spec(cfg, sec["backbone"])
+    scratch_model = _deep_merge(bb["model"], sec["pretrain"].get("model") or {})
     specs = {}
     for phase in sec["phases"]:
         if phase == "pretrain":
             dataset = sec["pretrain"]["dataset"] or bb["pretrain"]["dataset"]
             train = train_config(bb["pretrain"].get("train"), sec["pretrain"]["train"])
+            model = scratch_model
         else:
             dataset = sec["finetune"]["dataset"]
             train = train_config(cfg["finetune"].get("defaults"), sec["finetune"]["train"])
+            model = bb["model"]
         for arm, attention in sec["arms"].items():
             for seed in sec["seeds"]:
                 rid = RUN_IDS["train"].format(phase=phase, arm=arm, seed=seed)
                 specs[rid] = {
                     "run_id": rid, "phase": phase, "arm": arm, "baseline": sec["baseline"], "seed": int(seed),
                     "backbone": sec["backbone"], "dataset": dataset,
-                    "model": {**bb["model"], "attention": {**bb["model"]["attention"], **attention}},
+                    "model": {**model, "attention": {**model["attention"], **attention}},
                     "train": train, "probe": sec["probe"], "ema": sec["ema"],
                     "threshold_factor": sec["threshold_factor"], "on_error": cfg["finetune"]["on_error"],
                 }
-    specs[TIMING_RUN] = {"run_id": TIMING_RUN, "backbone": sec["backbone"], "model": bb["model"],
+    timed = scratch_model if "pretrain" in sec["phases"] else bb["model"]
+    specs[TIMING_RUN] = {"run_id": TIMING_RUN, "backbone": sec["backbone"], "model": timed,
                          "timing": sec["timing"], "baseline": sec["baseline"],
-                         "arms": {a: {**bb["model"]["attention"], **att} for a, att in sec["arms"].items()}}
+                         "arms": {a: {**timed["attention"], **att} for a, att in sec["arms"].items()}}
     return specs
 
 

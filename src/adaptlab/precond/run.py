@@ -140,7 +140,8 @@ def run_precond(spec: dict, data_path: str | Path, weights: str | Path | None, o
                          precond_sec_per_step=statistics.median(intervals) if intervals else None)
 
     return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
-                   on_error=spec.get("on_error", "record"), extra_fields=SUMMARY_FIELDS)
+                   on_error=spec.get("on_error", "record"), extra_fields=SUMMARY_FIELDS,
+                   inputs=[p for p in (data_path, weights) if p])
 
 
 def time_arms(model_cfg: dict, arms: dict[str, dict], *, num_classes: int = 10, batch_size: int = 64,
@@ -152,15 +153,15 @@ def time_arms(model_cfg: dict, arms: dict[str, dict], *, num_classes: int = 10, 
     """
     names = list(arms)
     models, opts = {}, {}
-    g = torch.Generator().manual_seed(seed)
-    size = model_cfg["img_size"]
-    x = torch.randn(batch_size, 3, size, size, generator=g)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g)
     for name in names:
         torch.manual_seed(seed)
         models[name] = create_vit({**model_cfg, "attention": arms[name]}, num_classes).train()
         opts[name] = build_optimizer(models[name].parameters(), train_config({"optimizer": "adamw", "lr": 1e-3,
                                                                                "weight_decay": 0.05}))
+    g = torch.Generator().manual_seed(seed)
+    size = models[names[0]].patch_embed.img_size[0]  # the model's own: a timm_name model ignores img_size
+    x = torch.randn(batch_size, 3, size, size, generator=g)
+    y = torch.randint(0, num_classes, (batch_size,), generator=g)
 
     def train(name: str, n: int) -> float:
         model, opt = models[name], opts[name]

@@ -1,16 +1,79 @@
-"""Device resolution: ``auto`` picks CUDA with bf16 autocast when a GPU is present, else the CPU."""
+"""Device resolution and the GPU switches of the training loop.
+
+``auto`` picks CUDA with bf16 autocast when torch sees a GPU, else the CPU, with one exception written by hand
+here: a job that was *given* a GPU (by SLURM, or by whoever set ``CUDA_VISIBLE_DEVICES``) but whose torch sees
+none fails, naming the variable and its value. torch has no such check: a CPU-only wheel, a driver older than
+the wheel's CUDA or a container without the device files would otherwise make a cluster job train on the CPU,
+silently and two orders of magnitude slower, and record CPU runs as if nothing happened. Which variables mean
+"given a GPU" is SLURM's and CUDA's convention (``GPU_ENV_VARS``). ``device: cpu`` stays allowed anywhere.
+
+``compile_model`` is ``nn.Module.compile`` (in place, so parameter names, checkpoints and ``state_dict`` keys
+stay those of the eager model); the loop applies it when a run's ``train.compile`` is true.
+"""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
+# Variables that say a job was given GPUs. SLURM_GPUS / SLURM_GPUS_ON_NODE are counts ("1", "a100:2"; "0" =
+# none); SLURM_JOB_GPUS / SLURM_STEP_GPUS / CUDA_VISIBLE_DEVICES list device indices or UUIDs ("0" is GPU 0).
+GPU_COUNT_VARS = ("SLURM_GPUS", "SLURM_GPUS_ON_NODE")
+GPU_LIST_VARS = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "CUDA_VISIBLE_DEVICES")
+GPU_ENV_VARS = GPU_COUNT_VARS + GPU_LIST_VARS
+NO_GPU_VALUES = {"", "-1", "nodevfiles", "none", "n/a"}  # CUDA's and SLURM's spellings of "no device"
+
+
+def _count_says_gpu(value: str) -> bool:
+    """A SLURM GPU count ("2", "a100:2", "a100:1,v100:0") names at least one GPU."""
+    for part in value.split(","):
+        count = part.rsplit(":", 1)[-1].strip()
+        if not count.isdigit() or int(count) > 0:  # an unparsable count is taken as a request, not ignored
+            return True
+    return False
+
+
+def _list_says_gpu(value: str) -> bool:
+    """A device list ("0", "0,1", "GPU-<uuid>") names a device; CUDA stops at the first invalid entry ("-1")."""
+    first = value.split(",")[0].strip()
+    return first.lower() not in NO_GPU_VALUES and not first.startswith("-")
+
+
+def gpu_assignment(env: dict | None = None) -> tuple[str, str] | None:
+    """(variable, value) of the first environment variable that says this job was given a GPU, else None."""
+    env = os.environ if env is None else env
+    for var in GPU_ENV_VARS:
+        value = env.get(var)
+        if value is None or value.strip().lower() in NO_GPU_VALUES:
+            continue
+        if (_count_says_gpu if var in GPU_COUNT_VARS else _list_says_gpu)(value.strip()):
+            return var, value
+    return None
+
+
+def _why_no_cuda() -> str:
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but torch.cuda.device_count() is "
+            f"{torch.cuda.device_count()}: no driver, a driver too old for that CUDA, or the device not visible here")
+
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device of ``device:`` ``auto`` | ``cpu`` | ``cuda``; see the module docstring for ``auto``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        given = gpu_assignment()
+        if given is not None:
+            var, value = given
+            raise RuntimeError(
+                f"device: auto, and this job was given a GPU ({var}={value!r}), but no CUDA device is usable: "
+                f"{_why_no_cuda()}. Refusing to train on the CPU instead. Fix the CUDA set-up (torch wheel, driver, "
+                f"container), or set `device: cpu` to train on the CPU on purpose.")
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: 'cuda' requested but no CUDA device is available")
+        raise RuntimeError(f"device: 'cuda' requested but no CUDA device is available ({_why_no_cuda()})")
     return torch.device(name)
 
 
@@ -18,6 +81,17 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def compile_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile`` ``model`` in place (``nn.Module.compile``); compiling an already compiled module is a no-op.
+
+    In place rather than ``torch.compile(model)``: the wrapper that returns prefixes every ``state_dict`` key with
+    ``_orig_mod.``, which would change checkpoints and best-weight files; here only ``model(...)`` changes.
+    """
+    if getattr(model, "_compiled_call_impl", None) is None:
+        model.compile()
+    return model
 
 
 def set_threads(n: int) -> None:

@@ -4,8 +4,9 @@ nanoGPT-style: a plain loop, no framework. Per step: set the scheduled lr, draw 
 forward (bf16 autocast on CUDA), stop as ``diverged`` on a non-finite loss or gradient, clip the global
 gradient norm over the trainable parameters (the pre-clip norm is logged), step. Every ``eval_every`` steps
 the task is evaluated on val and the best-val trainable weights are kept in ``best.safetensors``; every
-``ckpt_every`` steps a resumable checkpoint is written. At the end the best-val weights are restored and
-the test split is evaluated once.
+``ckpt_every`` steps a resumable checkpoint is written, and at the step where a stop signal arrived
+(``adaptlab.preemption``: SIGTERM/SIGUSR1 from SLURM), after which ``Preempted`` is raised. At the end the
+best-val weights are restored and the test split is evaluated once.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from adaptlab import preemption
 from adaptlab.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from adaptlab.train.device import autocast
+from adaptlab.train.device import autocast, compile_model
 from adaptlab.train.optim import build_optimizer, lr_factor
 
 CKPT_NAME = "ckpt.safetensors"
@@ -67,6 +69,8 @@ def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, best_path = run_dir / CKPT_NAME, run_dir / BEST_NAME
     model.to(device).train()
+    if cfg.get("compile"):  # train.compile: torch.compile in place (same state_dict keys, so checkpoints carry over)
+        compile_model(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     if optimizer is None:
@@ -134,6 +138,11 @@ def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device:
             save_checkpoint(ckpt_path, model, opt, log, {**state, "config_id": config_id})
         if on_step is not None:
             on_step(done)
+        stop = preemption.requested()
+        if stop and done < cfg["steps"]:
+            state["elapsed"] += time.perf_counter() - t_start
+            save_checkpoint(ckpt_path, model, opt, log, {**state, "config_id": config_id})
+            raise preemption.Preempted(stop, done)
 
     state["elapsed"] += time.perf_counter() - t_start
     seconds = time.perf_counter() - t_process

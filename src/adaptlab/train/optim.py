@@ -4,6 +4,10 @@ Optimizers are a name → factory registry, so a study adds its own with one ent
 train are handed to the optimizer: frozen ones never enter it, so neither weight decay nor momentum can move
 them. A factory registered with ``named=True`` (AdamO, which selects its regularised matrices by name)
 receives ``(name, parameter)`` pairs; ``build_optimizer`` accepts either plain parameters or such pairs.
+
+Adam and AdamW use torch's fused kernel (one launch for the whole update) when every parameter is a floating
+CUDA tensor: the fastest AdamW on a GPU. On the CPU nothing is passed, so CPU runs keep torch's default
+implementation and their results bit for bit.
 """
 from __future__ import annotations
 
@@ -25,6 +29,14 @@ def register_optimizer(name: str, named: bool = False):
     return deco
 
 
+def _fused(params) -> dict:
+    """``{"fused": True}`` when every parameter (plain or in param groups) is a floating-point CUDA tensor, else {}."""
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    if tensors and all(t.is_cuda and t.is_floating_point() for t in tensors):
+        return {"fused": True}
+    return {}
+
+
 @register_optimizer("sgd")
 def _sgd(params, cfg):
     return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"],
@@ -34,14 +46,14 @@ def _sgd(params, cfg):
 @register_optimizer("adamw")
 def _adamw(params, cfg):
     return torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-                             weight_decay=cfg["weight_decay"])
+                             weight_decay=cfg["weight_decay"], **_fused(params))
 
 
 @register_optimizer("adam")
 def _adam(params, cfg):
     # weight_decay here is the coupled L2 penalty (it goes through the moments), unlike AdamW's
     return torch.optim.Adam(params, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-                            weight_decay=cfg["weight_decay"])
+                            weight_decay=cfg["weight_decay"], **_fused(params))
 
 
 @register_optimizer("adamo", named=True)
