@@ -98,7 +98,7 @@ def test_test_preset_through_the_profile_on_a_real_scheduler(cluster, tmp_path):
     elapsed = time.time() - t0
     assert proc.returncode == 0, log[-6000:]
     with duckdb.connect(str(work / "results" / "adaptlab.duckdb"), read_only=True) as con:
-        status = dict(con.execute("SELECT status, count(*) FROM run_states GROUP BY status").fetchall())
+        status = dict(con.execute("SELECT state, count(*) FROM run_states GROUP BY state").fetchall())
         designed = con.execute("SELECT run_id FROM runs WHERE grid = 'unstable'").fetchall()
     # every run ok but the one diverging by design (grid `unstable`), which is recorded as such
     assert status == {"ok": sum(status.values()) - 1, "diverged": 1} and len(designed) == 1, status
@@ -113,7 +113,7 @@ def test_test_preset_through_the_profile_on_a_real_scheduler(cluster, tmp_path):
         kind = row["kind"]
         rule = {"finetune": "finetune", "pretrain": "pretrain"}.get(kind, kind)
         if rule in rules and rules[rule].get("gpu"):
-            assert info.get("Partition") == "gpu" and "gres/gpu=1" in info.get("TRES", ""), (run_id, info)
+            assert info.get("Partition") == "gpu" and info.get("TresPerJob") == "gres:gpu:1", (run_id, info)
             seen.add(rule)
     assert {"pretrain", "finetune"} <= seen
     assert "localrule aggregate" in log  # aggregation ran in the controller, not as a job

@@ -8,7 +8,8 @@
 #
 # The node has every core and most of the memory of this machine, two `gpu` GRES backed by /dev/null and /dev/zero
 # (so `--gpus=1` jobs are accepted; torch sees no CUDA device in them), and two partitions, `cpu` (default) and `gpu`. No
-# accounting database: the profile's status command is squeue (MinJobAge=300 keeps finished jobs visible to it),
+# accounting database: the profile's status command is squeue (MinJobAge=3600 keeps finished jobs visible to it and to
+# the tests' `scontrol show job`),
 # and `--slurm-no-account` is passed. KillWait=10 s: a job past its time limit gets SIGTERM, then SIGKILL 10 s later.
 # Debian 12 packages (slurm-wlm 22.05); no systemd: the daemons are started directly. Everything it writes is under
 # /etc/slurm, /run/{munge,slurm}, /var/spool/slurm{ctld,d} and /var/log/slurm.
@@ -59,7 +60,7 @@ GresTypes=gpu
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-MinJobAge=300
+MinJobAge=3600
 KillWait=10
 OverTimeLimit=0
 NodeName=$HOST CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem Gres=gpu:2 State=UNKNOWN
