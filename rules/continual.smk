@@ -29,7 +29,7 @@ rule continual_run:
     group:
         "continual"
     script:
-        "../workflow/scripts/continual_run.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule continual_runs:

@@ -28,7 +28,7 @@ rule icl_uni:
     group:
         "icl"
     script:
-        "../workflow/scripts/icl_run.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule icl_mm:
@@ -52,7 +52,7 @@ rule icl_mm:
     group:
         "icl"
     script:
-        "../workflow/scripts/icl_run.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule icl_runs:

@@ -56,7 +56,7 @@ rule peft_source:
         device=CFG["device"],
     threads: CFG.get("peft", {}).get("threads", 1)
     script:
-        "../workflow/scripts/peft_run.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule peft_run:
@@ -76,7 +76,7 @@ rule peft_run:
     group:
         "peft"
     script:
-        "../workflow/scripts/peft_run.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule peft_runs:

@@ -23,7 +23,7 @@ rule plasticity_analysis:
         on_error=CFG["finetune"]["on_error"],
     threads: CFG["threads"]["finetune"]
     script:
-        "../workflow/scripts/plasticity_analysis.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule linear_probe:
@@ -41,7 +41,7 @@ rule linear_probe:
         on_error=CFG["finetune"]["on_error"],
     threads: CFG["threads"]["finetune"]
     script:
-        "../workflow/scripts/plasticity_linear_probe.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule plasticity_runs:

@@ -33,7 +33,7 @@ rule precond_train:
     group:
         "precond"
     script:
-        "../workflow/scripts/precond_run.py"
+        "../workflow/scripts/study_run.py"
 
 
 # After the training runs, so that it competes with as few of this study's jobs as possible for the cores.
@@ -49,7 +49,7 @@ rule precond_timing:
         spec=lambda wc: stable_json(PRECOND[TIMING_RUN]),
     threads: PRECOND[TIMING_RUN]["timing"]["threads"] if PRECOND else 1
     script:
-        "../workflow/scripts/precond_timing.py"
+        "../workflow/scripts/study_run.py"
 
 
 rule precond_runs:

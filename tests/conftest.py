@@ -75,3 +75,35 @@ def pipeline_workdir(tmp_path_factory) -> Path:
     proc = snakemake(wd, "--cores", "2", "--configfile", "configs/test.yaml")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return wd
+
+
+LOCAL_SLURM = REPO / "tests" / "slurm" / "local_slurm.sh"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def local_slurm():
+    """The real single-node SLURM of tests/test_slurm_real.py, up for the whole session where it is installed.
+
+    Why the whole session: snakemake-executor-plugin-slurm runs `scontrol show config` whenever Snakemake starts
+    (it builds its CLI help from it), and with SLURM's client tools installed but no controller that call waits
+    ~9 s, in every `snakemake` process of every test. Returns None when up, else why not (tests that need it skip
+    with that reason). Where SLURM is not installed nothing is started here (test_slurm_real installs it itself
+    when it can)."""
+    if shutil.which("slurmctld") is None:
+        yield "SLURM is not installed (tests/slurm/local_slurm.sh install needs root and apt-get)"
+        return
+    import os
+
+    if os.geteuid() != 0:
+        yield "a real SLURM needs root (daemons)"
+        return
+    was_up = subprocess.run([str(LOCAL_SLURM), "status"], capture_output=True).returncode == 0
+    reason = None
+    if not was_up:
+        proc = subprocess.run([str(LOCAL_SLURM), "start"], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            reason = f"the local SLURM did not start: {(proc.stderr or proc.stdout).strip()[-600:]}"
+    yield reason
+    subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=60)
+    if not was_up:
+        subprocess.run([str(LOCAL_SLURM), "stop"], capture_output=True, timeout=60)

@@ -1,7 +1,9 @@
 """The study contract: every registered study follows it, and the registry agrees with the files around it."""
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,8 @@ import yaml
 
 from adaptlab.config import ConfigError, load_config, validate_config
 from adaptlab.studies import STUDIES, Study, run_id, studies
-from conftest import REPO, copy_workflow
+from adaptlab.records import read_summary
+from conftest import REPO, copy_workflow, planned_jobs, snakemake
 
 SRC = REPO / "src" / "adaptlab"
 TEST_PRESET = yaml.safe_load((REPO / "configs/test.yaml").read_text())
@@ -177,3 +180,137 @@ def test_plasticity_runs_honour_on_error(tmp_path, tiny_data):
     assert row["status"] == "failed" and row["test_acc"] is None
     with pytest.raises(Exception, match="no_such"):
         run_analysis(spec, missing, tiny_data, tiny_data, tmp_path / "r", device="cpu", on_error="raise")
+
+
+# --- a sixth study is six files ----------------------------------------------------------------------------------
+FOO_SCHEMA = """x-study-order: 6
+description: A made-up sixth study (tests/test_studies.py) that fits a line per seed.
+type: object
+additionalProperties: false
+properties:
+  seeds: {type: array, items: {type: integer, minimum: 0}, minItems: 1}
+  steps: {type: integer, minimum: 1, default: 20}
+required: [seeds]
+"""
+FOO_INIT = '''"""A made-up sixth study: a line fitted per seed."""
+SECTION = "foo"
+RUN_IDS = {"run": "foo/seed{seed}"}
+SUMMARY_FIELDS = []
+RAW_TABLES = {}
+TABLES = {"foo_fits": "SELECT run_id, seed, final_loss FROM runs WHERE study = 'foo' ORDER BY seed"}
+FIGURES = {}
+CLAIMS = []
+
+
+def check(cfg):
+    pass
+
+
+def specs(cfg):
+    sec = cfg.get(SECTION)
+    if not sec:
+        return {}
+    return {RUN_IDS["run"].format(seed=s): {"seed": s, "steps": sec["steps"]} for s in sec["seeds"]}
+'''
+FOO_RUN = '''"""One foo run: fit y = 3x by SGD through the shared loop."""
+import torch
+
+from adaptlab.config import config_hash, train_config
+from adaptlab.runner import Run, execute
+from adaptlab.train.loop import fit
+
+
+class Line:
+    selection_metric = "acc"
+
+    def __init__(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(64, 1, generator=g)
+        self.y = 3 * self.x
+
+    def train_batch(self, step, batch_size):
+        return self.x, self.y
+
+    def loss(self, model, batch):
+        return torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    def evaluate(self, model, split, autocast=None):
+        with torch.no_grad():
+            mse = self.loss(model, (self.x, self.y)).item()
+        return {"acc": -mse, "loss": mse}
+
+
+def run_foo(spec, out_dir, threads=1):
+    cfg = train_config({"steps": spec["steps"], "batch_size": 64, "lr": 0.1, "eval_every": spec["steps"],
+                        "ckpt_every": 0, "warmup_steps": 0})
+    identity = {"run_id": f"foo/seed{spec['seed']}", "kind": "run", "study": "foo", "grid": None,
+                "backbone": None, "dataset": None, "seed": spec["seed"], "lr": cfg["lr"], "optimizer": cfg["optimizer"],
+                "trainable": "full"}
+
+    def body(run: Run) -> None:
+        torch.manual_seed(spec["seed"])
+        run.model = torch.nn.Linear(1, 1)
+        run.result = fit(run.model, Line(spec["seed"]), cfg, run.out_dir, device=run.device,
+                         config_id=config_hash(spec))
+
+    return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device="cpu", threads=threads)
+
+
+RULES = {"foo_run": lambda spec, i, p, out, threads: run_foo(spec, out, threads)}
+'''
+FOO_SMK = '''rule foo_run:
+    output:
+        summary=study_run_dir("foo", "run") + "/summary.parquet",
+    log:
+        job_log("foo", "run"),
+    params:
+        spec=study_params("foo", "run"),
+    script:
+        "../workflow/scripts/study_run.py"
+
+
+rule foo_runs:
+    input:
+        [summary_file(r) for r in STUDY_SPECS["foo"]],
+'''
+
+
+def test_a_sixth_study_is_six_files_and_runs(tmp_path):
+    work = copy_workflow(tmp_path / "wf")
+    shutil.copytree(REPO / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    touched = {
+        "src/adaptlab/schemas/foo.schema.yaml": FOO_SCHEMA,
+        "src/adaptlab/foo/__init__.py": FOO_INIT,
+        "src/adaptlab/foo/run.py": FOO_RUN,
+        "rules/foo.smk": FOO_SMK,
+        "configs/test.yaml": (work / "configs/test.yaml").read_text() + "\nfoo: {seeds: [0, 1], steps: 30}\n",
+        "profiles/slurm/config.yaml": (work / "profiles/slurm/config.yaml").read_text().replace(
+            "set-resources:\n", "set-resources:\n  foo_run: {slurm_partition: CHANGE_ME_CPU, runtime: 10, "
+                                "mem_mb: 1000, cpus_per_task: 1}\n", 1),
+    }
+    assert len(touched) == 6
+    for rel, text in touched.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(work / "src")}
+    where = subprocess.run([sys.executable, "-c", "import adaptlab.studies as s; print(s.__file__, s.STUDIES)"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(work / "src")) and "'continual', 'foo')" in where, where
+
+    dry = snakemake(work, "-n", "--configfile", "configs/test.yaml", "--profile", "profiles/slurm", env=env)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert len(planned_jobs(dry.stdout + dry.stderr).get("foo_run", [])) == 2
+    bad = subprocess.run([sys.executable, "-m", "adaptlab.cli", "validate", "configs/test.yaml"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 0, bad.stdout + bad.stderr
+    (work / "configs/bad.yaml").write_text(touched["configs/test.yaml"].replace("seeds: [0, 1], steps: 30",
+                                                                               "seeds: [-1]"))
+    bad = subprocess.run([sys.executable, "-m", "adaptlab.cli", "validate", "configs/bad.yaml"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "foo.seeds[0]" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+
+    run = snakemake(work, "foo_runs", "--cores", "2", "--configfile", "configs/test.yaml", env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [read_summary(work / f"results/runs/foo/seed{s}/summary.parquet") for s in (0, 1)]
+    assert all(r["status"] == "ok" and r["study"] == "foo" and r["final_loss"] < 0.1 for r in rows), rows  # from ~9
+    assert (work / "results/runs/foo/seed0/job.log").is_file()

@@ -1,9 +1,10 @@
 """The study contract, and the registry of studies that follow it.
 
-A study is a config section named in ``STUDIES``, with a schema fragment ``adaptlab/schemas/<section>.schema.yaml``
-and a package ``adaptlab.<section>`` whose ``__init__`` is its surface (``Study`` below). Its run functions live
-in ``adaptlab.<section>.run``; its Snakemake rules in ``rules/<section>.smk`` (the Snakefile includes one per
-registered study); a thin script per rule calls the run function. The schema, the Snakefile, the aggregation
+A study is a config section with a schema fragment ``adaptlab/schemas/<section>.schema.yaml`` (the fragment
+registers it: ``STUDIES`` is discovered from them) and a package ``adaptlab.<section>`` whose ``__init__`` is its surface (``Study`` below). Its run functions live
+in ``adaptlab.<section>.run``, which maps each of its rules to one (``RULES``); its Snakemake rules in
+``rules/<section>.smk`` (the Snakefile includes one per registered study) run ``workflow/scripts/study_run.py``,
+which calls ``run_job`` below. The schema, the Snakefile, the aggregation
 and the CLI all read this one registry; ``tests/test_studies.py`` checks that every registered study has its
 schema fragment, rules file, test-preset section and SLURM resources.
 
@@ -13,12 +14,28 @@ workflow, once per ``snakemake`` call and once per cluster job.
 from __future__ import annotations
 
 import importlib
+import re
 from collections import Counter
+from pathlib import Path
 from types import ModuleType
 from typing import Callable, Protocol, runtime_checkable
 
-# The registry, in the papers' order (tables, figures and expected runs are listed in this order).
-STUDIES: tuple[str, ...] = ("plasticity", "precond", "peft", "icl", "continual")
+SCHEMAS = Path(__file__).parent / "schemas"
+
+
+def _discover() -> tuple[str, ...]:
+    """The registered studies: one per schema fragment ``schemas/<section>.schema.yaml``, ordered by the fragment's
+    ``x-study-order`` (the papers' order; tables, figures and expected runs are listed in it), then by name. Adding
+    a study's fragment registers it; nothing else lists the studies."""
+    order = {}
+    for frag in SCHEMAS.glob("*.schema.yaml"):
+        head = re.search(r"^x-study-order:\s*(\d+)", frag.read_text(), flags=re.M)  # no YAML parse: it is paid per job
+        order[frag.name.removesuffix(".schema.yaml")] = int(head.group(1)) if head else 10**6
+    return tuple(sorted(order, key=lambda name: (order[name], name)))
+
+
+# The registry, in the papers' order.
+STUDIES: tuple[str, ...] = _discover()
 
 
 @runtime_checkable
@@ -94,3 +111,13 @@ def expected_runs(cfg: dict, study_specs: dict[str, dict] | None = None) -> dict
 def expected_run_ids(cfg: dict, study_specs: dict[str, dict] | None = None) -> list[str]:
     """The ids of ``expected_runs``, in order."""
     return list(expected_runs(cfg, study_specs))
+
+
+def run_job(rule: str, spec: dict, inputs: dict, params: dict, out_dir, threads: int) -> dict:
+    """One Snakemake job of a study's rule: ``adaptlab.<section>.run.RULES[rule]`` (the study found by its rule
+    name) called with the run's spec, the job's named inputs and params, its run directory and thread count."""
+    for section in study_sections():
+        runs = importlib.import_module(f"adaptlab.{section}.run")
+        if rule in getattr(runs, "RULES", {}):
+            return runs.RULES[rule](spec, inputs, params, out_dir, threads)
+    raise KeyError(f"rule {rule!r}: no study's run.RULES has it (studies: {study_sections()})")

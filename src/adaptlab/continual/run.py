@@ -175,3 +175,8 @@ def _load_boundary(path: Path, run_key: str, model, opt):
     masks = {tau: {layer: torch.tensor(m, dtype=torch.bool) for layer, m in by_layer.items()}
              for tau, by_layer in meta["masks"].items()}
     return meta["next_task"], meta["accs"], meta["dead"], masks, meta["rows"], log
+
+
+# rule -> the job: (spec, named inputs, params, run directory, threads); workflow/scripts/study_run.py calls it
+RULES = {"continual_run": lambda spec, i, p, out, threads: run_continual(spec, out, threads=threads,
+                                                                         on_error=p["on_error"], data_path=i.get("data"))}

@@ -101,3 +101,14 @@ def _save_weights(model, path: Path) -> None:
     that never built its model."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()} if model is not None else {}
     save_file(state, str(path))
+
+
+def _icl_job(spec, i, p, out, threads):
+    init = i.get("init") or []
+    init = [init] if isinstance(init, str) else list(init)
+    return run_icl(spec, out, init_weights=init[0] if init else None, device=p["device"], threads=threads,
+                   on_error=p["on_error"])
+
+
+# rule -> the job: (spec, named inputs, params, run directory, threads); workflow/scripts/study_run.py calls it
+RULES = {"icl_uni": _icl_job, "icl_mm": _icl_job}

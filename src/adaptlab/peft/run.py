@@ -109,3 +109,11 @@ def run_peft(spec: dict, backbone_path, data_path, out_dir, *, source_path=None,
     return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
                    on_error=on_error, extra_fields=SUMMARY_FIELDS, reraise=is_source,
                    inputs=[p for p in (backbone_path, data_path, source_path) if p])
+
+
+# rule -> the job: (spec, named inputs, params, run directory, threads); workflow/scripts/study_run.py calls it.
+# The source stage has no on_error: its weights are every arm's input, so its failure raises.
+RULES = {rule: lambda spec, i, p, out, threads: run_peft(spec, i["backbone"], i["data"], out, source_path=i.get("source"),
+                                                         device=p["device"], threads=threads,
+                                                         on_error=p.get("on_error", "raise"))
+         for rule in ("peft_run", "peft_source")}

@@ -80,3 +80,12 @@ def run_linear_probe(spec: dict, weights, data_path, out_dir, *, device: str = "
 
     return _execute("linear_probe", spec, out_dir, body, device=device, threads=threads, on_error=on_error,
                     inputs=[weights, data_path])
+
+
+# rule -> the job: (spec, named inputs, params, run directory, threads); workflow/scripts/study_run.py calls it
+RULES = {
+    "plasticity_analysis": lambda spec, i, p, out, threads: run_analysis(
+        spec, i["model"], i["source"], i["target"], out, device=p["device"], threads=threads, on_error=p["on_error"]),
+    "linear_probe": lambda spec, i, p, out, threads: run_linear_probe(
+        spec, i["model"], i["data"], out, device=p["device"], threads=threads, on_error=p["on_error"]),
+}

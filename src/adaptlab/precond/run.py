@@ -200,3 +200,11 @@ def run_timing(spec: dict, out_dir: str | Path, *, threads: int = 1) -> dict:
 
     return execute(identity, spec, out_dir, body, steps_planned=tm["steps"] * tm["repeats"] * len(spec["arms"]),
                    device="cpu", threads=threads, on_error="raise", extra_fields=SUMMARY_FIELDS)
+
+
+# rule -> the job: (spec, named inputs, params, run directory, threads); workflow/scripts/study_run.py calls it
+RULES = {
+    "precond_train": lambda spec, i, p, out, threads: run_precond(spec, i["data"], i.get("model"), out,
+                                                                   device=p["device"], threads=threads),
+    "precond_timing": lambda spec, i, p, out, threads: run_timing(spec, out, threads=threads),
+}
