@@ -227,3 +227,35 @@ def test_a_killed_controller_restarts_without_a_second_writer(cluster, tmp_path)
     job_log = (run / "job.log").read_text()
     assert "locked by another process" in job_log or "restored, not retrained" in job_log, job_log[-2000:]
     print(f"\nkilled controller: orphan job {orphan} finished the run; the restarted controller kept its record")
+
+
+def test_a_timed_out_group_keeps_its_finished_member_and_resumes_the_other(cluster, tmp_path):
+    """Two finetune runs in one group job with a 2-minute limit (1 per member): the first finishes, the second is
+    stopped by the time limit. Snakemake removes both members' outputs; the retry restores the first run's records
+    (not retrained) and resumes the second from its checkpoint."""
+    work = copy_workflow(tmp_path / "wf")
+    _long_run_config(work, 10000, 256)  # ~60 s of training each here
+    cfg_path = work / "configs" / "long.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["finetune"]["grids"]["long"]["seeds"] = [0, 1]
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    profile = site_profile(work) / "config.yaml"
+    text = yaml.safe_load(profile.read_text())
+    text["set-resources"]["finetune"]["runtime"] = 1
+    text["default-resources"]["slurm_extra"] = "''"
+    text["group-components"] = {"finetune": 2}
+    profile.write_text(yaml.safe_dump(text, sort_keys=False))
+    runs = sorted(expand_runs(load_config(cfg_path)), key=lambda r: r.seed)
+    proc = controller(work, *[f"{r.run_dir}/summary.parquet" for r in runs], "--configfile", "configs/long.yaml")
+    log = finish(proc)
+    assert proc.returncode == 0, log[-6000:]
+    rows = [read_summary(work / r.run_dir / "summary.parquet") for r in runs]
+    assert all(r["status"] == "ok" for r in rows)
+    finished_first, stopped = sorted(rows, key=lambda r: r["resumed_from"])
+    assert finished_first["resumed_from"] == 0 and stopped["resumed_from"] > 0, rows
+    # the finished member's record is the first group job's, restored by the retry; the other run finished there
+    assert finished_first["slurm_job_id"] != stopped["slurm_job_id"]
+    first_dir = next(work / r.run_dir for r, row in zip(runs, rows) if row is finished_first)
+    assert "restored, not retrained" in (first_dir / "job.log").read_text()
+    print(f"\ntimed-out group: finished member kept from job {finished_first['slurm_job_id']}, the other resumed "
+          f"from step {stopped['resumed_from']} in job {stopped['slurm_job_id']}")
