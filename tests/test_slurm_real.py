@@ -58,7 +58,10 @@ def site_profile(work: Path, **overrides) -> Path:
     for entry in profile["set-resources"].values():
         entry["slurm_partition"] = "gpu" if entry.get("gpu") else "cpu"
         entry.update(mem_mb=min(entry["mem_mb"], 2000), cpus_per_task=min(entry.get("cpus_per_task", 1), cpus))
-    profile.update({"slurm-no-account": True, "slurm-init-seconds-before-status-checks": 2, "latency-wait": 5})
+    # retries 6: a time-limited run needs as many attempts as its training takes minutes; more than the profile's 3
+    # leaves room for a slower machine
+    profile.update({"slurm-no-account": True, "slurm-init-seconds-before-status-checks": 2, "latency-wait": 5,
+                    "retries": 6})
     profile.update(overrides)
     dest = work / "profiles" / "slurm-site"
     dest.mkdir(parents=True, exist_ok=True)
@@ -230,14 +233,16 @@ def test_a_killed_controller_restarts_without_a_second_writer(cluster, tmp_path)
 
 
 def test_a_timed_out_group_keeps_its_finished_member_and_resumes_the_other(cluster, tmp_path):
-    """Two finetune runs in one group job with a 2-minute limit (1 per member): the first finishes, the second is
-    stopped by the time limit. Snakemake removes both members' outputs; the retry restores the first run's records
-    (not retrained) and resumes the second from its checkpoint."""
+    """A short and a long finetune run in one group job with a 2-minute limit (1 per member): the short one finishes,
+    the long one is stopped by the time limit. Snakemake removes both members' outputs; each retry restores the short
+    run's records (not retrained) and resumes the long one from its checkpoint."""
     work = copy_workflow(tmp_path / "wf")
-    _long_run_config(work, 10000, 256)  # ~60 s of training each here
+    _long_run_config(work, 25000, 256)  # ~150 s of training here: more than one 2-minute group attempt
     cfg_path = work / "configs" / "long.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
-    cfg["finetune"]["grids"]["long"]["seeds"] = [0, 1]
+    long = cfg["finetune"]["grids"]["long"]
+    cfg["finetune"]["grids"]["short"] = {**long, "train": {**long["train"], "steps": 2000, "eval_every": 1000,
+                                                           "ckpt_every": 1000}}  # ~12 s
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     profile = site_profile(work) / "config.yaml"
     text = yaml.safe_load(profile.read_text())
@@ -245,17 +250,17 @@ def test_a_timed_out_group_keeps_its_finished_member_and_resumes_the_other(clust
     text["default-resources"]["slurm_extra"] = "''"
     text["group-components"] = {"finetune": 2}
     profile.write_text(yaml.safe_dump(text, sort_keys=False))
-    runs = sorted(expand_runs(load_config(cfg_path)), key=lambda r: r.seed)
+    runs = sorted(expand_runs(load_config(cfg_path)), key=lambda r: r.grid, reverse=True)  # short, long
     proc = controller(work, *[f"{r.run_dir}/summary.parquet" for r in runs], "--configfile", "configs/long.yaml")
     log = finish(proc)
     assert proc.returncode == 0, log[-6000:]
     rows = [read_summary(work / r.run_dir / "summary.parquet") for r in runs]
     assert all(r["status"] == "ok" for r in rows)
-    finished_first, stopped = sorted(rows, key=lambda r: r["resumed_from"])
+    finished_first, stopped = rows
     assert finished_first["resumed_from"] == 0 and stopped["resumed_from"] > 0, rows
-    # the finished member's record is the first group job's, restored by the retry; the other run finished there
-    assert finished_first["slurm_job_id"] != stopped["slurm_job_id"]
-    first_dir = next(work / r.run_dir for r, row in zip(runs, rows) if row is finished_first)
-    assert "restored, not retrained" in (first_dir / "job.log").read_text()
+    # the short run finished in an earlier group attempt than the long one (it runs first here): its record is that
+    # attempt's, and every later attempt restored it instead of training it again
+    assert finished_first["slurm_job_id"] != stopped["slurm_job_id"], "the short run did not finish first"
+    assert "restored, not retrained" in (work / runs[0].run_dir / "job.log").read_text()
     print(f"\ntimed-out group: finished member kept from job {finished_first['slurm_job_id']}, the other resumed "
           f"from step {stopped['resumed_from']} in job {stopped['slurm_job_id']}")
