@@ -1,7 +1,8 @@
 """Preemption: SIGTERM or SIGUSR1 ends a run at the next step boundary, with a checkpoint at that step.
 
 SLURM sends SIGTERM at preemption, at ``scancel`` and at the time limit (SIGKILL follows ``KillWait`` seconds
-later), and the profile asks for SIGUSR1 a few minutes before the time limit (``--signal=USR1@…``). The handler
+later), and profiles/slurm asks for SIGTERM 3 minutes before the time limit (``--signal=TERM@180``; SIGUSR1 is
+handled the same way for sites that send that as their warning). The handler
 only records the signal; the training loop checks it after each step, writes a checkpoint at that step and raises
 ``Preempted``. The job's script exits with ``EXIT_PREEMPTED`` and no records, so Snakemake retries the job and
 the retry resumes from the checkpoint (same config id), ending with the summary an uninterrupted run writes.

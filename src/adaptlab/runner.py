@@ -23,12 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 import adaptlab
-from adaptlab import records, run_dir
+from adaptlab import preemption, records, run_dir
 from adaptlab.config import config_hash, pretrain_run_id, stable_json
 from adaptlab.data.store import load_dataset
-from adaptlab.fingerprint import entry_module, fingerprint, module_hashes
+from adaptlab.fingerprint import code_fingerprint
 from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
-from adaptlab import preemption
 from adaptlab.train.device import resolve_device, set_threads
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.tasks import ImageClassification
@@ -139,8 +138,7 @@ def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], Non
     weights too unless ``keep_best``.
     """
     out_dir, dev, t0 = start_run(out_dir, threads, device)
-    key = run_dir.record_key(stable_json(spec), fingerprint(module_hashes(entry_module(identity["kind"],
-                                                                                    identity.get("study")))), inputs)
+    key = run_dir.record_key(stable_json(spec), code_fingerprint(identity["kind"], identity.get("study")), inputs)
     with run_dir.exclusive(out_dir), preemption.watch():
         if run_dir.restore(out_dir, key) is not None:
             return records.read_summary(out_dir / "summary.parquet")
@@ -227,7 +225,7 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
         save_model_weights(run.model, run.out_dir / MODEL_NAME, metadata={"best_step": str(run.result.best_step)})
 
     return execute(identity, spec, out_dir, body, steps_planned=cfg["steps"], device=device, threads=threads,
-                   on_error="raise", inputs=[p for p in (data_path, spec.get("weights")) if p and Path(p).is_file()])
+                   on_error="raise", inputs=[p for p in (data_path, spec.get("weights")) if p])
 
 
 def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_path: str | Path,

@@ -103,6 +103,13 @@ def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device:
             if len(log[key]) == n:
                 log[key].append(math.nan)
 
+    def checkpoint() -> None:
+        """The resumable checkpoint at ``state['step']``, its training time so far included."""
+        nonlocal t_start
+        state["elapsed"] += time.perf_counter() - t_start
+        t_start = time.perf_counter()
+        save_checkpoint(ckpt_path, model, opt, log, {**state, "config_id": config_id})
+
     for step in range(start_step, cfg["steps"]):
         factor = lr_factor(step, cfg)
         for g, base in zip(opt.param_groups, base_lrs):
@@ -132,16 +139,15 @@ def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device:
                 save_file(_trainable_state(model), str(best_path))
         add_row(row)
         state["step"] = done
-        if cfg["ckpt_every"] and done % cfg["ckpt_every"] == 0 and done < cfg["steps"]:
-            state["elapsed"] += time.perf_counter() - t_start
-            t_start = time.perf_counter()
-            save_checkpoint(ckpt_path, model, opt, log, {**state, "config_id": config_id})
+        saved = bool(cfg["ckpt_every"]) and done % cfg["ckpt_every"] == 0 and done < cfg["steps"]
+        if saved:
+            checkpoint()
         if on_step is not None:
             on_step(done)
         stop = preemption.requested()
         if stop and done < cfg["steps"]:
-            state["elapsed"] += time.perf_counter() - t_start
-            save_checkpoint(ckpt_path, model, opt, log, {**state, "config_id": config_id})
+            if not saved:  # this step's periodic checkpoint already holds it
+                checkpoint()
             raise preemption.Preempted(stop, done)
 
     state["elapsed"] += time.perf_counter() - t_start
