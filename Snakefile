@@ -27,6 +27,7 @@ for section in study_sections():
 
     include: f"rules/{section}.smk"
 
+include: "rules/packs.smk"
 include: "rules/aggregate.smk"
 
 # `snakemake --report` opens with the paper claims and the run states that the aggregation wrote

@@ -1,10 +1,14 @@
 # Config validation, grid expansion and the input/param functions the rules share.
+import os
+
 from snakemake.exceptions import WorkflowError
+from snakemake.iocontainers import Wildcards
 
 from adaptlab.aggregate import OVERVIEW_NAME, all_figures, all_tables
 from adaptlab.config import (FINETUNE_RUN_ID, ConfigError, RESULTS, expand_runs, pretrain_run_id, pretrain_spec,
                              stable_json, validate_config)
 from adaptlab.fingerprint import code_fingerprint
+from adaptlab.packs import plan as plan_packs
 from adaptlab.records import recorded_fingerprint
 from adaptlab.run_state import quarantine_events
 from adaptlab.studies import expected_runs, run_id, studies
@@ -105,3 +109,44 @@ def backbone_file(name):
 
 def summary_file(run_id):
     return f"{RESULTS}/runs/{run_id}/summary.parquet"
+
+
+# --- run packs (adaptlab.packs; rules/packs.smk writes one rule per pack) --------------------------------------
+PACKABLE = []  # (rule, members: run id -> summary path, by, size(wildcards), fuse(wildcards)), filled by the rule files
+
+
+def packable(rule, summaries, by, size, fuse=lambda wc: False):
+    """Let ``rule`` (``rules.<name>``) run its jobs in packs. ``summaries``: run id -> the summary path of each run
+    the rule may make (those its output does not match are not its own); ``by``: the wildcards a pack's members
+    share; ``size(wc)``/``fuse(wc)``: the pack size (1: the rule's own job) and whether the pack trains fused."""
+    PACKABLE.append((rule.rule, summaries, tuple(by), size, fuse))
+
+
+def _paths(value):
+    """A named input as the job's script would see it: one path, or a list of paths (e.g. an empty one)."""
+    return str(value) if isinstance(value, str) else [str(v) for v in value]
+
+
+def member_job(rule, summary):
+    """What one run of ``rule`` (a ``Rule``) needs as a pack member: its wildcards applied to the rule's input,
+    output, log and params, as the rule's own job would have them (Snakemake's own expansion)."""
+    wc = Wildcards(fromdict=rule.get_wildcards(summary))
+    inp = rule.expand_input(wc)[0]
+    out = rule.expand_output(wc)[0]
+    params = rule.expand_params(wc, inp, out, None)[0]
+    return {"rule": rule.name, "out_dir": os.path.dirname(summary), "log": str(rule.expand_log(wc)[0]),
+            "input": {k: _paths(v) for k, v in inp.items()}, "output": [str(o) for o in out],
+            "params": {k: v for k, v in params.items()}}
+
+
+def run_packs():
+    """Every pack of every packable rule (``adaptlab.packs.plan``), each with its members' jobs."""
+    out = []
+    for rule, summaries, by, size, fuse in PACKABLE:
+        members = {}
+        for rid, path in summaries.items():
+            if rule.is_producer(path):
+                members[rid] = rule.get_wildcards(path)
+        for pack in plan_packs(rule.name, members, by, size, fuse):
+            out.append((pack, [member_job(rule, summary_file(rid)) for rid in pack.members]))
+    return out

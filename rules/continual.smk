@@ -35,3 +35,8 @@ rule continual_run:
 rule continual_runs:
     input:
         [summary_file(r) for r in STUDY_SPECS["continual"]],
+
+
+# `continual.pack: N`: up to N runs of one grid and benchmark in one job (rules/packs.smk)
+packable(rules.continual_run, {r: summary_file(r) for r in STUDY_SPECS["continual"]}, by=("cgrid", "cbench"),
+         size=lambda wc: CFG["continual"]["pack"])

@@ -23,3 +23,10 @@ rule finetune:
         "finetune"
     script:
         "../workflow/scripts/finetune.py"
+
+
+# `pack: N` on a grid: up to N of its runs on one dataset train in one job (rules/packs.smk); `fuse: true` trains
+# them as one batched model.
+packable(rules.finetune, {rid: summary_file(rid) for rid in RUNS}, by=("grid", "dataset"),
+         size=lambda wc: CFG["finetune"]["grids"][wc["grid"]]["pack"],
+         fuse=lambda wc: CFG["finetune"]["grids"][wc["grid"]]["fuse"])

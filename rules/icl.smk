@@ -58,3 +58,10 @@ rule icl_mm:
 rule icl_runs:
     input:
         [summary_file(r) for r in STUDY_SPECS["icl"]],
+
+
+# `icl.pack: N`: up to N unimodal runs, and separately N multimodal runs, in one job (rules/packs.smk); with
+# `icl.fuse: true` the runs of a pack that share their shapes train as one batched model
+for _rule in (rules.icl_uni, rules.icl_mm):
+    packable(_rule, {r: summary_file(r) for r in STUDY_SPECS["icl"]}, by=(),
+             size=lambda wc: CFG["icl"]["pack"], fuse=lambda wc: CFG["icl"]["fuse"])

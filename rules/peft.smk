@@ -82,3 +82,8 @@ rule peft_run:
 rule peft_runs:
     input:
         [summary_file(r) for r in STUDY_SPECS["peft"]],
+
+
+# `peft.pack: N`: up to N arm runs of one task in one job (rules/packs.smk)
+packable(rules.peft_run, {r: summary_file(r) for r in STUDY_SPECS["peft"]}, by=("ptask",),
+         size=lambda wc: CFG["peft"]["pack"])

@@ -49,3 +49,9 @@ rule plasticity_runs:
     input:
         [summary_file(r) for r in STUDY_SPECS["plasticity"]],
         [summary_file(r) for r, spec in RUNS.items() if spec.study == "plasticity"],
+
+
+# `plasticity.pack: N`: up to N analyses, and separately N linear probes, in one job (rules/packs.smk)
+for _rule in (rules.plasticity_analysis, rules.linear_probe):
+    packable(_rule, {r: summary_file(r) for r in STUDY_SPECS["plasticity"]}, by=(),
+             size=lambda wc: CFG["plasticity"]["pack"])

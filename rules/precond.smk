@@ -55,3 +55,8 @@ rule precond_timing:
 rule precond_runs:
     input:
         [summary_file(r) for r in PRECOND],
+
+
+# `precond.pack: N`: up to N training runs of one phase in one job (rules/packs.smk)
+packable(rules.precond_train, {r: summary_file(r) for r in PRECOND_TRAIN}, by=("phase",),
+         size=lambda wc: CFG["precond"]["pack"])

@@ -32,23 +32,28 @@ class _Tee:
 
 
 @contextlib.contextmanager
-def job_log(path: str | Path):
-    """Inside the block, stdout and stderr also go to ``path`` after a header naming host, pid and SLURM job (Snakemake
-    removes the file before it reruns a job; a stopped attempt's last words stay in its SLURM log, which the plugin
-    keeps for failed jobs); an exception's traceback is written
-    there before it propagates. A run stopped by SIGTERM/SIGUSR1 (``Preempted``) exits with ``EXIT_PREEMPTED``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", buffering=1) as fh, contextlib.redirect_stdout(_Tee(sys.stdout, fh)), \
-            contextlib.redirect_stderr(_Tee(sys.stderr, fh)):
-        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} host {socket.gethostname()} pid {os.getpid()}"
-                 f" SLURM job {os.environ.get('SLURM_JOB_ID', '-')} ===\n")
+def job_log(*paths: str | Path):
+    """Inside the block, stdout and stderr also go to each of ``paths`` (one per run; several for the runs of a
+    fused pack) after a header naming host, pid and SLURM job (Snakemake removes the file before it reruns a job; a
+    stopped attempt's last words stay in its SLURM log, which the plugin keeps for failed jobs); an exception's
+    traceback is written there before it propagates. A run stopped by SIGTERM/SIGUSR1 (``Preempted``) exits with
+    ``EXIT_PREEMPTED``."""
+    with contextlib.ExitStack() as stack:
+        files = []
+        for path in map(Path, paths):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.append(stack.enter_context(open(path, "a", buffering=1)))
+        tee = _Tee(*files)
+        stack.enter_context(contextlib.redirect_stdout(_Tee(sys.stdout, tee)))
+        stack.enter_context(contextlib.redirect_stderr(_Tee(sys.stderr, tee)))
+        tee.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} host {socket.gethostname()} pid {os.getpid()}"
+                  f" SLURM job {os.environ.get('SLURM_JOB_ID', '-')} ===\n")
         try:
             yield
         except Preempted as stop:  # a retry resumes from the checkpoint: exit with the code that says so
-            fh.write(f"{stop}\n")
+            tee.write(f"{stop}\n")
             print(f"adaptlab: {stop}", file=sys.__stderr__)
             raise SystemExit(EXIT_PREEMPTED) from None
         except BaseException:
-            fh.write(traceback.format_exc())
+            tee.write(traceback.format_exc())
             raise

@@ -7,6 +7,7 @@ supplies only the body, so its run function reads like nanoGPT: build, fit, add 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -29,6 +30,7 @@ from adaptlab.data.store import load_dataset
 from adaptlab.fingerprint import code_fingerprint
 from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
 from adaptlab.train.device import resolve_device, set_threads
+from adaptlab.train.fused import FUSED_OPTIMIZERS, FusedRuns, fused_config_id
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.tasks import ImageClassification
 from adaptlab.train.trainable import select_trainable
@@ -153,6 +155,51 @@ def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], Non
         return row
 
 
+def execute_many(jobs: list[dict], body: Callable[[list[Run]], None], *, device: str = "auto",
+                 threads: int = 1) -> list[dict]:
+    """``execute`` for runs that train together (a fused pack): ``jobs`` are ``execute``'s keyword arguments per
+    run (identity, spec, out_dir, steps_planned, on_error, extra_fields, keep_best, inputs). Each run's lock is
+    held; runs whose kept records match are restored; ``body`` gets the ``Run`` of every other run and fills each
+    one's model and result; then each run's records are written as ``execute`` writes them (an exception in
+    ``body`` is each run's error). Returns the summary rows, in ``jobs`` order."""
+    started = [start_run(j["out_dir"], threads, device) for j in jobs]
+    keys = [run_dir.record_key(stable_json(j["spec"]), code_fingerprint(j["identity"]["kind"], j["identity"].get("study")),
+                               j.get("inputs", ())) for j in jobs]
+    rows: list[dict | None] = [None] * len(jobs)
+    with contextlib.ExitStack() as stack:
+        for out_dir, _, _ in started:
+            stack.enter_context(run_dir.exclusive(out_dir))
+        stack.enter_context(preemption.watch())
+        todo = []
+        for i, (out_dir, _, _) in enumerate(started):
+            if run_dir.restore(out_dir, keys[i]) is not None:
+                rows[i] = records.read_summary(out_dir / "summary.parquet")
+            else:
+                todo.append(i)
+                stack.callback(_mark_running(out_dir).unlink, missing_ok=True)
+        runs = {i: Run(started[i][0], started[i][1], jobs[i]["steps_planned"], started[i][2]) for i in todo}
+        failure = None
+        try:
+            if todo:
+                body([runs[i] for i in todo])
+        except preemption.Preempted:
+            raise
+        except Exception as err:  # noqa: BLE001 - each run records it (or raises, with on_error: raise)
+            failure = err
+        for i in todo:
+            j = jobs[i]
+
+            def replay(run: Run) -> None:
+                if failure is not None:
+                    raise failure
+
+            rows[i] = _execute(runs[i], j["identity"], j["spec"], replay, j.get("on_error", "record"),
+                               j.get("extra_fields", ()), j.get("keep_best", False), False)
+            if rows[i]["status"] in ("ok", "diverged"):
+                run_dir.keep(runs[i].out_dir, keys[i])
+    return rows
+
+
 def _mark_running(out_dir: Path) -> Path:
     """``running.json``: which process trains this run (``adaptlab.run_state`` reports it as ``running``)."""
     marker = out_dir / records.RUNNING_NAME
@@ -228,6 +275,22 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
                    on_error="raise", inputs=[p for p in (data_path, spec.get("weights")) if p])
 
 
+def _finetune_identity(run: dict) -> dict:
+    identity = {k: run[k] for k in ("run_id", "study", "grid", "backbone", "dataset", "seed", "lr", "optimizer",
+                                    "trainable")}
+    identity["kind"] = "finetune"
+    return identity
+
+
+def build_finetune(run: dict, model_cfg: dict, pretrained_path, data, device) -> tuple[torch.nn.Module, ImageClassification]:
+    """A finetuning run's model (the backbone, a new head seeded by the run's seed, its trainable set) and task."""
+    torch.manual_seed(run["seed"])  # the new head's init depends on the run's seed
+    model = create_vit(model_cfg, data.num_classes)
+    load_model_weights(model, pretrained_path, skip_head=True)
+    select_trainable(model, run["trainable_patterns"], head=True)
+    return model, _task(data, model, model_cfg, run["train"], device, run["seed"])
+
+
 def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_path: str | Path,
                  out_dir: str | Path, *, device: str = "auto", threads: int = 1, on_error: str = "record",
                  on_step=None) -> dict:
@@ -238,20 +301,46 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
     the summary is written, so the grid and its aggregation go on.
     """
     cfg = run["train"]
-    identity = {k: run[k] for k in ("run_id", "study", "grid", "backbone", "dataset", "seed", "lr", "optimizer",
-                                    "trainable")}
-    identity["kind"] = "finetune"
     full_config = {"run": run, "model": model_cfg}
 
     def body(r: Run) -> None:
-        data = load_dataset(data_path)
-        torch.manual_seed(run["seed"])  # the new head's init depends on the run's seed
-        r.model = create_vit(model_cfg, data.num_classes)
-        load_model_weights(r.model, pretrained_path, skip_head=True)
-        select_trainable(r.model, run["trainable_patterns"], head=True)
-        task = _task(data, r.model, model_cfg, cfg, r.device, run["seed"])
+        r.model, task = build_finetune(run, model_cfg, pretrained_path, load_dataset(data_path), r.device)
         r.result = fit(r.model, task, cfg, r.out_dir, device=r.device, config_id=config_hash(full_config),
                        on_step=on_step)
 
-    return execute(identity, full_config, out_dir, body, steps_planned=cfg["steps"], device=device,
+    return execute(_finetune_identity(run), full_config, out_dir, body, steps_planned=cfg["steps"], device=device,
                    threads=threads, on_error=on_error, keep_best=cfg["keep_weights"], inputs=[pretrained_path, data_path])
+
+
+def finetune_fuse_key(run: dict, pretrained_path, data_path) -> str | None:
+    """Runs with equal keys train fused: same backbone weights, data, model and training values but lr (AdamO and
+    other optimizers without a stacked form train alone: None)."""
+    if run["train"]["optimizer"] not in FUSED_OPTIMIZERS:
+        return None
+    return stable_json([str(pretrained_path), str(data_path), run["model"], {**run["train"], "lr": None}])
+
+
+def run_finetune_fused(runs: list[dict], pretrained_path, data_path, out_dirs: list, *, device: str = "auto",
+                       threads: int = 1, on_error: str = "record", on_step=None) -> list[dict]:
+    """Finetune several runs of one ``finetune_fuse_key`` as one batched model (``adaptlab.train.fused``); each run
+    is built exactly as ``run_finetune`` builds it and writes the same records in its own directory."""
+    fulls = [{"run": run, "model": run["model"]} for run in runs]
+    jobs = [{"identity": _finetune_identity(run), "spec": full, "out_dir": out, "steps_planned": run["train"]["steps"],
+             "on_error": on_error, "keep_best": run["train"]["keep_weights"], "inputs": [pretrained_path, data_path]}
+            for run, full, out in zip(runs, fulls, out_dirs)]
+    by_dir = {str(Path(out)): i for i, out in enumerate(out_dirs)}
+
+    def body(todo: list[Run]) -> None:
+        data = load_dataset(data_path)
+        idx = [by_dir[str(r.out_dir)] for r in todo]
+        built = [build_finetune(runs[i], runs[i]["model"], pretrained_path, data, todo[0].device) for i in idx]
+        for r, (model, _) in zip(todo, built):
+            r.model = model
+        group = FusedRuns([m for m, _ in built], [t for _, t in built], [runs[i]["lr"] for i in idx],
+                          runs[idx[0]]["train"], todo[0].device)
+        results = fit(group, None, runs[idx[0]]["train"], [r.out_dir for r in todo], device=todo[0].device,
+                      config_id=[fused_config_id(config_hash(fulls[i])) for i in idx], on_step=on_step)
+        for r, result in zip(todo, results):
+            r.result = result
+
+    return execute_many(jobs, body, device=device, threads=threads)

@@ -7,6 +7,11 @@ the task is evaluated on val and the best-val trainable weights are kept in ``be
 ``ckpt_every`` steps a resumable checkpoint is written, and at the step where a stop signal arrived
 (``adaptlab.preemption``: SIGTERM/SIGUSR1 from SLURM), after which ``Preempted`` is raised. At the end the
 best-val weights are restored and the test split is evaluated once.
+
+The loop runs a *group* of runs: one run (``OneRun``: a model, its task and its optimizer), or several
+same-shape runs trained as one batched model (``adaptlab.train.fused.FusedRuns``, fused training of a run
+pack). Everything a run owns (lr, loss, gradient norm, divergence, best-val step, log, checkpoint, directory)
+is kept per run; a run that diverges stops updating while the others go on.
 """
 from __future__ import annotations
 
@@ -55,90 +60,166 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
 
 
-def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device: torch.device,
-        config_id: str, on_step: Callable[[int], None] | None = None,
-        optimizer: torch.optim.Optimizer | None = None) -> FitResult:
-    """Train ``model`` on ``task`` with the hyperparameters ``cfg`` (see config.TRAIN_DEFAULTS).
+class OneRun:
+    """One run as a group of one: the model, its task and its optimizer, stepped exactly as a plain loop would."""
+
+    n = 1
+    fused = False
+
+    def __init__(self, model: torch.nn.Module, task, cfg: dict, device: torch.device,
+                 optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.task, self.device = model, task, device
+        model.to(device).train()
+        if cfg.get("compile"):  # train.compile: torch.compile in place (same state_dict keys: checkpoints carry over)
+            compile_model(model)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        if optimizer is None:
+            self.opt = build_optimizer(named, cfg)
+            self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        else:  # its groups' ``initial_lr`` (set on first use) is the base lr the schedule scales
+            self.opt = optimizer
+            self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in self.opt.param_groups]
+        self.selection_metric = task.selection_metric
+
+    def set_lr(self, factor: float) -> list[float]:
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * factor
+        return [self.base_lrs[0] * factor]
+
+    def losses(self, step: int, batch_size: int) -> tuple[torch.Tensor, list[float]]:
+        batch = self.task.train_batch(step, batch_size)
+        with autocast(self.device):
+            loss = self.task.loss(self.model, batch)
+        return loss, [loss.item()]
+
+    def backward_clip(self, loss: torch.Tensor, values: list[float], clip: float) -> list[float]:
+        if not math.isfinite(values[0]):
+            return [math.nan]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return [torch.nn.utils.clip_grad_norm_(self.params, clip).item()]
+
+    def step(self, active: list[bool]) -> None:
+        self.opt.step()
+
+    def sync(self, r: int) -> None:
+        """The model already holds the run's weights."""
+
+    def evaluate(self, r: int, split: str) -> dict[str, float]:
+        return self.task.evaluate(self.model, split, autocast=lambda: autocast(self.device))
+
+    def trainable_state(self, r: int) -> dict[str, torch.Tensor]:
+        return _trainable_state(self.model)
+
+    def load_trainable(self, r: int, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state, strict=False)
+
+    def save_checkpoint(self, r: int, path: Path, log: dict, meta: dict) -> None:
+        save_checkpoint(path, self.model, self.opt, log, meta)
+
+    def load_checkpoint(self, r: int, path: Path) -> tuple[dict, dict]:
+        return load_checkpoint(path, self.model, self.opt)
+
+
+def _resume(runs, ckpt_paths: list[Path], config_ids: list[str]):
+    """Each run's (state, log) from its checkpoint, when every run of the group has one written under its own
+    config id at the same step (a group resumes together or not at all); else None."""
+    metas = [read_checkpoint_meta(p) if p.exists() else None for p in ckpt_paths]
+    if not all(m is not None and m.get("config_id") == cid for m, cid in zip(metas, config_ids)):
+        return None
+    if len({m["step"] for m in metas}) != 1:
+        return None
+    return [runs.load_checkpoint(r, p) for r, p in enumerate(ckpt_paths)]
+
+
+def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_step: Callable[[int], None] | None = None,
+        optimizer: torch.optim.Optimizer | None = None):
+    """Train ``model`` on ``task`` with the hyperparameters ``cfg`` (see config.TRAIN_DEFAULTS); a ``FitResult``.
 
     ``config_id`` identifies the run's full configuration: a checkpoint written under another id is ignored,
     so a changed config never resumes a stale run. ``optimizer``: an existing optimizer to go on with (its
-    moments carry over, e.g. across the tasks of a continual run); its groups' ``initial_lr`` (set on first
-    use) is the base lr the schedule scales. Default: a fresh one from ``cfg``.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, best_path = run_dir / CKPT_NAME, run_dir / BEST_NAME
-    model.to(device).train()
-    if cfg.get("compile"):  # train.compile: torch.compile in place (same state_dict keys, so checkpoints carry over)
-        compile_model(model)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    if optimizer is None:
-        opt = build_optimizer(named, cfg)
-        base_lrs = [g["lr"] for g in opt.param_groups]
-    else:
-        opt = optimizer
-        base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in opt.param_groups]
-    sel = task.selection_metric
+    moments carry over, e.g. across the tasks of a continual run). Default: a fresh one from ``cfg``.
 
-    log: dict[str, list[float]] = {"step": [], "loss": [], "lr": [], "grad_norm": []}
-    state = {"step": 0, "best_val": None, "best_step": None, "best_metrics": {}, "elapsed": 0.0, "config_id": config_id}
+    Fused mode: ``model`` is a ``FusedRuns`` (it holds the runs' tasks; ``task`` is None), ``run_dir`` and
+    ``config_id`` are lists with one entry per run, and the result is a list of ``FitResult``.
+    """
+    fused = getattr(model, "fused", False)
+    runs = model if fused else OneRun(model, task, cfg, device, optimizer)
+    dirs = [Path(d) for d in (run_dir if fused else [run_dir])]
+    ids = list(config_id) if fused else [config_id]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    ckpt_paths, best_paths = [d / CKPT_NAME for d in dirs], [d / BEST_NAME for d in dirs]
+    n, sel = runs.n, runs.selection_metric
+
+    logs = [{"step": [], "loss": [], "lr": [], "grad_norm": []} for _ in range(n)]
+    states = [{"step": 0, "best_val": None, "best_step": None, "best_metrics": {}, "elapsed": 0.0, "status": "ok"}
+              for _ in range(n)]
     resumed_from = 0
-    if ckpt_path.exists() and read_checkpoint_meta(ckpt_path).get("config_id") == config_id:
-        state, log = load_checkpoint(ckpt_path, model, opt)
-        resumed_from = state["step"]
+    resumed = _resume(runs, ckpt_paths, ids)
+    if resumed:
+        states, logs = [s for s, _ in resumed], [lg for _, lg in resumed]
+        for s in states:
+            s.setdefault("status", "ok")
+        resumed_from = states[0]["step"]
+    active = [s["status"] == "ok" for s in states]
 
     clip = cfg["clip_grad"] if cfg["clip_grad"] else math.inf
-    status, final_loss = "ok", None
+    final_losses: list[float | None] = [None] * n
     t_start = t_process = time.perf_counter()
-    start_step = state["step"]
+    start_step = resumed_from
 
-    def add_row(values: dict[str, float]) -> None:
-        n = len(log["step"])
+    def add_row(r: int, values: dict[str, float]) -> None:
+        log = logs[r]
+        k = len(log["step"])
         for key, val in values.items():
             if key not in log:
-                log[key] = [math.nan] * n
+                log[key] = [math.nan] * k
             log[key].append(val)
         for key in log:
-            if len(log[key]) == n:
+            if len(log[key]) == k:
                 log[key].append(math.nan)
 
     def checkpoint() -> None:
-        """The resumable checkpoint at ``state['step']``, its training time so far included."""
+        """Every run's resumable checkpoint at its ``state['step']``, its training time so far included."""
         nonlocal t_start
-        state["elapsed"] += time.perf_counter() - t_start
-        t_start = time.perf_counter()
-        save_checkpoint(ckpt_path, model, opt, log, {**state, "config_id": config_id})
+        spent, t_start = time.perf_counter() - t_start, time.perf_counter()
+        for r in range(n):
+            states[r]["elapsed"] += spent
+            runs.save_checkpoint(r, ckpt_paths[r], logs[r], {**states[r], "config_id": ids[r]})
 
     for step in range(start_step, cfg["steps"]):
-        factor = lr_factor(step, cfg)
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = base * factor
-        batch = task.train_batch(step, cfg["batch_size"])
-        with autocast(device):
-            loss = task.loss(model, batch)
-        final_loss = loss.item()
-        grad_norm = math.nan
-        if math.isfinite(final_loss):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
-        done = step + 1
-        row = {"step": done, "loss": final_loss, "lr": base_lrs[0] * factor, "grad_norm": grad_norm}
-        if not (math.isfinite(final_loss) and math.isfinite(grad_norm)):
-            status = "diverged"
-            add_row(row)
-            state["step"] = done
+        if not any(active):
             break
-        opt.step()
-        if done % cfg["eval_every"] == 0 or done == cfg["steps"]:
-            metrics = task.evaluate(model, "val", autocast=lambda: autocast(device))
-            row.update({f"val_{k}": v for k, v in metrics.items()})
-            if state["best_val"] is None or metrics[sel] > state["best_val"]:
-                state.update(best_val=metrics[sel], best_step=done, best_metrics=metrics)
-                save_file(_trainable_state(model), str(best_path))
-        add_row(row)
-        state["step"] = done
+        lrs = runs.set_lr(lr_factor(step, cfg))
+        loss, values = runs.losses(step, cfg["batch_size"])
+        norms = runs.backward_clip(loss, [v if a else math.nan for v, a in zip(values, active)], clip)
+        done = step + 1
+        rows = {}
+        for r in range(n):
+            if not active[r]:
+                continue
+            final_losses[r] = values[r]
+            rows[r] = {"step": done, "loss": values[r], "lr": lrs[r], "grad_norm": norms[r]}
+            if not (math.isfinite(values[r]) and math.isfinite(norms[r])):
+                states[r].update(status="diverged", step=done)  # it stops here; the others go on
+                active[r] = False
+                add_row(r, rows.pop(r))
+        if not rows:
+            break
+        runs.step(active)
+        evaluate = done % cfg["eval_every"] == 0 or done == cfg["steps"]
+        for r, row in rows.items():
+            if evaluate:
+                runs.sync(r)
+                metrics = runs.evaluate(r, "val")
+                row.update({f"val_{k}": v for k, v in metrics.items()})
+                if states[r]["best_val"] is None or metrics[sel] > states[r]["best_val"]:
+                    states[r].update(best_val=metrics[sel], best_step=done, best_metrics=metrics)
+                    save_file(runs.trainable_state(r), str(best_paths[r]))
+            add_row(r, row)
+            states[r]["step"] = done
         saved = bool(cfg["ckpt_every"]) and done % cfg["ckpt_every"] == 0 and done < cfg["steps"]
         if saved:
             checkpoint()
@@ -150,14 +231,20 @@ def fit(model: torch.nn.Module, task, cfg: dict, run_dir: str | Path, *, device:
                 checkpoint()
             raise preemption.Preempted(stop, done)
 
-    state["elapsed"] += time.perf_counter() - t_start
+    spent = time.perf_counter() - t_start
     seconds = time.perf_counter() - t_process
-    test = None
-    if status == "ok" and state["best_step"] is not None:
-        model.load_state_dict(load_file(str(best_path)), strict=False)
-        test = task.evaluate(model, "test", autocast=lambda: autocast(device))
-    return FitResult(
-        status=status, steps_done=state["step"], best_step=state["best_step"], best_val=state["best_metrics"],
-        test=test, final_loss=final_loss, log=log, elapsed_seconds=state["elapsed"],
-        steps_this_process=state["step"] - start_step, seconds_this_process=seconds, resumed_from=resumed_from,
-    )
+    results = []
+    for r, state in enumerate(states):
+        state["elapsed"] += spent
+        runs.sync(r)
+        test = None
+        if state["status"] == "ok" and state["best_step"] is not None:
+            runs.load_trainable(r, load_file(str(best_paths[r])))
+            test = runs.evaluate(r, "test")
+        results.append(FitResult(
+            status=state["status"], steps_done=state["step"], best_step=state["best_step"],
+            best_val=state["best_metrics"], test=test, final_loss=final_losses[r], log=logs[r],
+            elapsed_seconds=state["elapsed"], steps_this_process=state["step"] - start_step,
+            seconds_this_process=seconds, resumed_from=resumed_from,
+        ))
+    return results if fused else results[0]

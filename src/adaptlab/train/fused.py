@@ -1,0 +1,225 @@
+"""Fused training: several same-shape runs as one batched model, trained by the one loop (``train.loop.fit``).
+
+``FusedRuns`` stacks the runs' models (as ``torch.func.stack_module_state`` does: every tensor gains a leading run
+dimension) and vmaps the task's loss over them (``torch.func.vmap`` + ``functional_call``), each run with its own
+batch (its seed's data order). What a run owns stays its own: its lr, its trainable set (a frozen tensor's
+gradient is zeroed and its update masked, so it stays bit-identical and gets no weight decay), its head init and
+data order (its seed), its optimizer moments, its gradient clipping (the norm over its own trainable tensors), its
+divergence (it stops updating; the others go on), its best-val weights and its checkpoint file in its own run
+directory. Evaluation runs each run's own model, with the run's current weights copied in.
+
+The optimizers are the stacked forms of torch's SGD (momentum, dampening 0) and Adam/AdamW, with the per-run lr as
+a tensor; they follow torch's update formulas, so a fused run matches its one-by-one twin within float tolerance
+(tests/test_fused.py). AdamO, and any optimizer not registered here, trains unfused.
+
+Written by hand: the stacked optimizers and the masks. torch.optim has no per-slice lr or mask, and neither
+torch.func nor a well-kept library trains a batch of models with per-model optimizer state (HFTA, Wang et al.
+MLSys 2021, rewrites layers instead).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.func import functional_call, vmap
+
+from adaptlab.train.device import autocast
+
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def _stack(batches):
+    """The runs' batches (tensors, or tuples/lists/dicts of them) stacked along a new leading run dimension."""
+    first = batches[0]
+    if torch.is_tensor(first):
+        return torch.stack(batches)
+    if isinstance(first, dict):
+        return {k: _stack([b[k] for b in batches]) for k in first}
+    return type(first)(_stack(list(parts)) for parts in zip(*batches))
+
+
+class _Bound:
+    """A template module called with one run's parameters (inside vmap, a slice of the stacked ones)."""
+
+    def __init__(self, base, params, buffers):
+        self.base, self.params, self.buffers = base, params, buffers
+
+    def __call__(self, *args, **kwargs):
+        return functional_call(self.base, (self.params, self.buffers), args, kwargs)
+
+
+class StackedOptimizer:
+    """SGD-momentum or Adam/AdamW over stacked tensors: per-run lr (``lr``: a tensor of shape [R]), and updates
+    masked per run and tensor (trainable in that run and the run still active)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lrs: torch.Tensor, cfg: dict):
+        self.params, self.masks, self.cfg, self.lr = params, masks, cfg, lrs.clone()
+        self.kind = cfg["optimizer"]
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.t = 0
+
+    def _view(self, vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return vec.view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        cfg, self.t = self.cfg, self.t + 1
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            keep = self._view(self.masks[name] & active, p)
+            lr, g, wd = self._view(self.lr, p), p.grad, cfg["weight_decay"]
+            st = self.state.setdefault(name, {})
+            if self.kind == "sgd":
+                if wd:
+                    g = g.add(p, alpha=wd)
+                if cfg["momentum"]:
+                    buf = st.get("momentum_buffer")
+                    buf = g.clone() if buf is None else torch.where(keep, buf * cfg["momentum"] + g, buf)
+                    st["momentum_buffer"] = buf
+                    g = g + cfg["momentum"] * buf if cfg["nesterov"] else buf
+                new = p - lr * g
+            else:
+                b1, b2 = cfg["betas"]
+                new = p
+                if wd and self.kind == "adamw":
+                    new = p * (1 - lr * wd)
+                elif wd:
+                    g = g.add(p, alpha=wd)
+                m = st.get("exp_avg", torch.zeros_like(p))
+                v = st.get("exp_avg_sq", torch.zeros_like(p))
+                st["exp_avg"] = torch.where(keep, m.lerp(g, 1 - b1), m)
+                st["exp_avg_sq"] = torch.where(keep, torch.addcmul(v * b2, g, g, value=1 - b2), v)
+                bc1, bc2 = 1 - b1 ** self.t, (1 - b2 ** self.t) ** 0.5
+                denom = st["exp_avg_sq"].sqrt() / bc2 + cfg["eps"]
+                new = new - (lr / bc1) * st["exp_avg"] / denom
+            p.copy_(torch.where(keep, new, p))
+
+    def state_of(self, r: int) -> dict[str, torch.Tensor]:
+        return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
+
+    def load_state_of(self, r: int, tensors: dict[str, torch.Tensor], t: int) -> None:
+        for key, val in tensors.items():
+            name, slot = key.rsplit("/", 1)
+            st = self.state.setdefault(name, {})
+            if slot not in st:
+                st[slot] = torch.zeros_like(self.params[name])
+            st[slot][r].copy_(val)
+        self.t = t
+
+
+class FusedRuns:
+    """The runs of a fused pack as one group for ``fit``: ``models[r]`` (built, initialised and with its trainable
+    set chosen exactly as the run would be on its own), ``tasks[r]`` and ``lrs[r]`` per run; ``cfg`` (all other
+    training values) is shared. After ``fit`` each ``models[r]`` holds its run's weights, as after a run alone."""
+
+    fused = True
+
+    def __init__(self, models: list[torch.nn.Module], tasks: list, lrs: list[float], cfg: dict, device: torch.device):
+        if cfg["optimizer"] not in FUSED_OPTIMIZERS:
+            raise ValueError(f"optimizer {cfg['optimizer']!r} cannot train fused (fused: {FUSED_OPTIMIZERS})")
+        self.models, self.tasks, self.device, self.n = models, tasks, device, len(models)
+        self.selection_metric = tasks[0].selection_metric
+        for m in models:
+            m.to(device).train()
+        named = [dict(m.named_parameters()) for m in models]
+        self.masks = {k: torch.tensor([nm[k].requires_grad for nm in named], device=device) for k in named[0]}
+        # torch.func.stack_module_state, but the runs' trainable sets may differ (it insists they agree)
+        self.params = {k: torch.stack([nm[k].detach() for nm in named]).requires_grad_(bool(self.masks[k].any()))
+                       for k in named[0]}
+        self.buffers = {k: torch.stack([dict(m.named_buffers())[k] for m in models]) for k, _ in models[0].named_buffers()}
+        self.base = copy.deepcopy(models[0]).to("meta")
+        for mod in self.base.modules():  # scaled_dot_product_attention has no vmap rule on CPU: the explicit form
+            if hasattr(mod, "fused_attn"):
+                mod.fused_attn = False
+        self.base_lrs = torch.tensor(lrs, dtype=torch.float64, device=device)
+        self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg)
+        loss = type(tasks[0]).loss
+        self._losses = vmap(lambda p, b, batch: loss(tasks[0], _Bound(self.base, p, b), batch))
+
+    def set_lr(self, factor: float) -> list[float]:
+        self.opt.lr = (self.base_lrs * factor).float()
+        return (self.base_lrs * factor).tolist()
+
+    def losses(self, step: int, batch_size: int):
+        batch = _stack([t.train_batch(step, batch_size) for t in self.tasks])
+        with autocast(self.device):
+            loss = self._losses(self.params, self.buffers, batch)
+        return loss, loss.detach().float().tolist()
+
+    def backward_clip(self, loss: torch.Tensor, values: list[float], clip: float) -> list[float]:
+        ok = torch.tensor([v == v and abs(v) != float("inf") for v in values], device=self.device)
+        for p in self.params.values():
+            p.grad = None
+        torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
+        norms = []
+        for name, p in self.params.items():
+            if p.grad is not None:  # frozen in a run: no gradient there (a diverged run's NaN stays out too)
+                keep = self.opt._view(self.masks[name] & ok, p)
+                p.grad = torch.where(keep, p.grad, torch.zeros_like(p.grad))
+                norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1))
+        total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+        coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+        for p in self.params.values():
+            if p.grad is not None:
+                p.grad.mul_(self.opt._view(coef, p))
+        return [n if o else float("nan") for n, o in zip(total.tolist(), ok.tolist())]
+
+    def step(self, active: list[bool]) -> None:
+        self.opt.step(torch.tensor(active, device=self.device))
+
+    @torch.no_grad()
+    def sync(self, r: int) -> None:
+        """Copy run ``r``'s current weights into its own model."""
+        for name, p in self.models[r].named_parameters():
+            p.copy_(self.params[name][r])
+        for name, b in self.models[r].named_buffers():
+            if name in self.buffers:
+                b.copy_(self.buffers[name][r])
+
+    def evaluate(self, r: int, split: str) -> dict[str, float]:
+        return self.tasks[r].evaluate(self.models[r], split, autocast=lambda: autocast(self.device))
+
+    def trainable_state(self, r: int) -> dict[str, torch.Tensor]:
+        from adaptlab.train.loop import _trainable_state
+
+        return _trainable_state(self.models[r])
+
+    def load_trainable(self, r: int, state: dict[str, torch.Tensor]) -> None:
+        self.models[r].load_state_dict(state, strict=False)
+
+    def save_checkpoint(self, r: int, path: Path, log: dict, meta: dict) -> None:
+        """Run ``r``'s slice: its weights, its optimizer moments, the RNG and its log, in its own directory."""
+        tensors = {f"model/{k}": v[r].detach().cpu().contiguous() for k, v in {**self.params, **self.buffers}.items()}
+        tensors.update({f"optim/{k}": v.cpu() for k, v in self.opt.state_of(r).items()})
+        tensors["rng/torch"] = torch.get_rng_state()
+        for col, values in log.items():
+            tensors[f"log/{col}"] = torch.tensor(values, dtype=torch.float64)
+        header = {"meta": meta, "fused_t": self.opt.t, "log_columns": list(log)}
+        tmp = Path(path).with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata={"adaptlab": json.dumps(header)})
+        os.replace(tmp, path)
+
+    @torch.no_grad()
+    def load_checkpoint(self, r: int, path: Path) -> tuple[dict, dict]:
+        with safe_open(str(path), framework="pt") as fh:
+            header = json.loads(fh.metadata()["adaptlab"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        for key, val in tensors.items():
+            if key.startswith("model/"):
+                name = key[len("model/"):]
+                (self.params.get(name, self.buffers.get(name)))[r].copy_(val)
+        self.opt.load_state_of(r, {k[len("optim/"):]: v.to(self.device) for k, v in tensors.items()
+                                   if k.startswith("optim/")}, header["fused_t"])
+        torch.set_rng_state(tensors["rng/torch"])
+        return header["meta"], {col: tensors[f"log/{col}"].tolist() for col in header["log_columns"]}
+
+
+def fused_config_id(config_id: str) -> str:
+    """The checkpoint id of a run trained fused: its checkpoints hold a slice, not a one-run checkpoint."""
+    return f"{config_id}:fused"

@@ -1,0 +1,7 @@
+"""A pack of runs of one rule (adaptlab.packs): each member trains as its own job would and writes its records, and
+its job.log, in its own run directory."""
+import json
+
+from adaptlab.packs import run_pack
+
+run_pack(json.loads(snakemake.params.members), snakemake.threads, fuse=snakemake.params.fuse)
