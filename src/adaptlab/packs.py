@@ -109,10 +109,25 @@ def _finetune_fused(members: list[dict], threads: int) -> None:
                        [m["out_dir"] for m in members], device=p["device"], threads=threads, on_error=p["on_error"])
 
 
-# rule -> (the key members must share to train fused, None: never; what trains such a group)
+# rule -> (the key members must share to train fused, None: never; what trains such a group). Study rules: their
+# run module's FUSED (rule -> (key of a spec, job(specs, inputs, params, run directories, threads))).
 FUSERS: dict[str, tuple[Callable[[dict], str | None], Callable[[list[dict], int], None]]] = {
     "finetune": (_finetune_fuse_key, _finetune_fused),
 }
+
+
+def _fuser(rule: str):
+    if rule in FUSERS:
+        return FUSERS[rule]
+    from adaptlab.studies import study_run_module
+
+    fused = getattr(study_run_module(rule), "FUSED", {}).get(rule)
+    if fused is None:
+        return None
+    key, job = fused
+    return (lambda m: key(json.loads(m["params"]["spec"])),
+            lambda ms, threads: job([json.loads(m["params"]["spec"]) for m in ms], [m["input"] for m in ms],
+                                    [m["params"] for m in ms], [m["out_dir"] for m in ms], threads))
 
 
 def run_fused_members(members: list[dict], threads: int) -> list[dict]:
@@ -123,7 +138,7 @@ def run_fused_members(members: list[dict], threads: int) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     rest = []
     for m in members:
-        fuser = FUSERS.get(m["rule"])
+        fuser = _fuser(m["rule"])
         key = fuser[0](m) if fuser else None
         if key is None:
             rest.append(m)
@@ -135,7 +150,7 @@ def run_fused_members(members: list[dict], threads: int) -> list[dict]:
             continue
         with job_log(*[m["log"] for m in group]):
             print(f"adaptlab: {len(group)} runs of {rule} train fused: {', '.join(m['out_dir'] for m in group)}")
-            FUSERS[rule][1](group, threads)
+            _fuser(rule)[1](group, threads)
     return rest
 
 

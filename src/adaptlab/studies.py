@@ -113,13 +113,18 @@ def expected_run_ids(cfg: dict, study_specs: dict[str, dict] | None = None) -> l
     return list(expected_runs(cfg, study_specs))
 
 
-def run_job(rule: str, spec: dict, inputs: dict, params: dict, out_dir, threads: int) -> dict:
-    """One Snakemake job of a study's rule: ``adaptlab.<section>.run.RULES[rule]`` (the study found by its rule
-    name) called with the run's spec, the job's named inputs and params, its run directory and thread count."""
+def study_run_module(rule: str) -> ModuleType:
+    """The run module (``adaptlab.<section>.run``) whose ``RULES`` has ``rule``."""
     # the study whose name the rule starts with first (every job would otherwise import every study's run module,
     # with its libraries), then the others in order
     for section in sorted(study_sections(), key=lambda sec: not rule.startswith(sec)):
         runs = importlib.import_module(f"adaptlab.{section}.run")
         if rule in getattr(runs, "RULES", {}):
-            return runs.RULES[rule](spec, inputs, params, out_dir, threads)
+            return runs
     raise KeyError(f"rule {rule!r}: no study's run.RULES has it (studies: {study_sections()})")
+
+
+def run_job(rule: str, spec: dict, inputs: dict, params: dict, out_dir, threads: int) -> dict:
+    """One Snakemake job of a study's rule: ``adaptlab.<section>.run.RULES[rule]`` (the study found by its rule
+    name) called with the run's spec, the job's named inputs and params, its run directory and thread count."""
+    return study_run_module(rule).RULES[rule](spec, inputs, params, out_dir, threads)

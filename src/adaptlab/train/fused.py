@@ -128,6 +128,11 @@ class FusedRuns:
         for m in models:
             m.to(device).train()
         named = [dict(m.named_parameters()) for m in models]
+        shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
+        for r, sh in enumerate(shapes[1:], start=1):
+            if sh != shapes[0]:
+                diff = sorted(k for k in sh.keys() | shapes[0].keys() if sh.get(k) != shapes[0].get(k))
+                raise ValueError(f"fused runs must share their shapes: run {r} differs from run 0 in {diff[:3]}")
         self.masks = {k: torch.tensor([nm[k].requires_grad for nm in named], device=device) for k in named[0]}
         # torch.func.stack_module_state, but the runs' trainable sets may differ (it insists they agree)
         self.params = {k: torch.stack([nm[k].detach() for nm in named]).requires_grad_(bool(self.masks[k].any()))

@@ -1,0 +1,191 @@
+"""Fused training (adaptlab.train.fused): a pack's same-shape runs as one batched model, through the one loop.
+
+Each test compares with the same runs trained one by one (runner.run_finetune) or checks a per-run invariant:
+equal records within float tolerance, frozen tensors bit-identical, divergence per run, SIGKILL resume,
+determinism, kept records restored.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from adaptlab.data.store import load_dataset
+from adaptlab.records import TIMING_COLUMNS
+from adaptlab.runner import build_finetune, run_finetune, run_finetune_fused
+from adaptlab.train.fused import FusedRuns
+from adaptlab.train.loop import fit
+from conftest import TINY_MODEL, make_run
+
+CPU = torch.device("cpu")
+# Fused and one-by-one runs differ only by float rounding (batched matmuls, explicit attention instead of
+# scaled_dot_product_attention): measured ≤ 5e-6 on the loss over 12 steps; the tolerance leaves room.
+LOSS_ATOL = 1e-4
+
+
+def _runs(optimizer: str, **train) -> list[dict]:
+    """Four runs of one fuse key: different lr, seed and trainable set."""
+    runs = [make_run("full", ("*",), optimizer, 0.01, 0, **train),
+            make_run("head", (), optimizer, 0.05, 1, **train),
+            make_run("mha", ("blocks.*.attn.*",), optimizer, 0.02, 0, **train),
+            make_run("full", ("*",), optimizer, 0.03, 2, **train)]
+    for r in runs:
+        r["model"] = TINY_MODEL
+    return runs
+
+
+def _steps(out: Path) -> dict[str, list]:
+    return pq.read_table(out / "steps.parquet").to_pydict()
+
+
+def _assert_same_run(a: dict, b: dict, dir_a: Path, dir_b: Path) -> None:
+    assert a["status"] == b["status"]
+    assert a["best_step"] == b["best_step"] and a["steps_done"] == b["steps_done"]
+    assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 32 + 1e-9)  # at most one of 32 test images
+    sa, sb = _steps(dir_a), _steps(dir_b)
+    assert sa["step"] == sb["step"]
+    for col in ("loss", "grad_norm", "lr"):
+        for x, y in zip(sa[col], sb[col]):
+            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y, abs=LOSS_ATOL, rel=1e-3), col
+    assert [v for v in sa["val_acc"] if v == v] == pytest.approx([v for v in sb["val_acc"] if v == v], abs=1 / 32 + 1e-9)
+
+
+@pytest.mark.parametrize("optimizer,train", [("sgd", {}), ("adamw", {"weight_decay": 0.05}),
+                                             ("adam", {"weight_decay": 0.01})])
+def test_fused_equals_one_by_one(tiny_data, tiny_pretrained, tmp_path, optimizer, train):
+    runs = _runs(optimizer, **train)
+    alone = [run_finetune(r, TINY_MODEL, tiny_pretrained, tiny_data, tmp_path / f"a{i}", device="cpu")
+             for i, r in enumerate(runs)]
+    fused = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"f{i}" for i in range(4)], device="cpu")
+    assert [r["run_id"] for r in fused] == [r["run_id"] for r in alone]
+    for i, (a, f) in enumerate(zip(alone, fused)):
+        assert a["status"] == "ok"
+        _assert_same_run(a, f, tmp_path / f"a{i}", tmp_path / f"f{i}")
+        assert a["trainable_params"] == f["trainable_params"]  # each run's own trainable set is counted
+
+
+def test_fused_frozen_weights_stay_bit_identical(tiny_data, tiny_pretrained):
+    # weight decay and momentum on a stacked tensor would move the slices of runs where it is frozen
+    runs = _runs("adamw", weight_decay=0.1)
+    data = load_dataset(tiny_data)
+    built = [build_finetune(r, TINY_MODEL, tiny_pretrained, data, CPU) for r in runs]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m, _ in built]
+    group = FusedRuns([m for m, _ in built], [t for _, t in built], [r["lr"] for r in runs], runs[0]["train"], CPU)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = fit(group, None, runs[0]["train"], [Path(tmp) / f"r{i}" for i in range(4)], device=CPU,
+                      config_id=[f"c{i}" for i in range(4)])
+    assert all(r.status == "ok" for r in results)
+    for (model, _), init in zip(built, before):
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                assert not torch.equal(p.detach(), init[name]), f"trainable {name} did not change"
+            else:
+                assert torch.equal(p.detach(), init[name]), f"frozen {name} changed"
+    # run 1 trains only the head: its blocks are its initial (pretrained) weights, bit for bit
+    assert torch.equal(built[1][0].blocks[0].attn.qkv.weight, before[1]["blocks.0.attn.qkv.weight"])
+
+
+def test_fused_divergence_is_per_run(tiny_data, tiny_pretrained, tmp_path):
+    runs = _runs("sgd", clip_grad=None)
+    runs[2] = {**runs[2], "lr": 1e6, "run_id": "blowup", "train": {**runs[2]["train"], "lr": 1e6}}
+    fused = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"f{i}" for i in range(4)], device="cpu")
+    assert [r["status"] for r in fused] == ["ok", "ok", "diverged", "ok"]
+    assert fused[2]["steps_done"] < 12 and fused[2]["test_acc"] is None
+    for i in (0, 1, 3):  # the others are unaffected: equal to their one-by-one twins
+        alone = run_finetune(runs[i], TINY_MODEL, tiny_pretrained, tiny_data, tmp_path / f"a{i}", device="cpu")
+        _assert_same_run(alone, fused[i], tmp_path / f"a{i}", tmp_path / f"f{i}")
+
+
+KILL_FUSED = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_fused import _runs
+from adaptlab.runner import run_finetune_fused
+def die(step):
+    if step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+run_finetune_fused(_runs("adamw", weight_decay=0.05), {pre!r}, {data!r}, {outs!r}, device="cpu", on_step=die)
+"""
+
+
+def _metrics(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMING_COLUMNS}
+
+
+def test_fused_pack_killed_resumes_to_the_same_records(tiny_data, tiny_pretrained, tmp_path):
+    killed = [str(tmp_path / f"k{i}") for i in range(4)]
+    script = KILL_FUSED.format(tests=str(Path(__file__).parent), pre=str(tiny_pretrained), data=str(tiny_data),
+                               outs=killed)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert all((Path(k) / "ckpt.safetensors").exists() and not (Path(k) / "summary.parquet").exists() for k in killed)
+    runs = _runs("adamw", weight_decay=0.05)
+    resumed = run_finetune_fused(runs, tiny_pretrained, tiny_data, killed, device="cpu")
+    assert [r["resumed_from"] for r in resumed] == [4] * 4  # checkpoints every 4 steps; killed after step 6
+    straight = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"s{i}" for i in range(4)],
+                                  device="cpu")
+    for i, (a, b) in enumerate(zip(resumed, straight)):
+        assert _metrics(a) == _metrics(b)
+        assert _steps(Path(killed[i])) == _steps(tmp_path / f"s{i}")
+
+
+def test_fused_is_deterministic(tiny_data, tiny_pretrained, tmp_path):
+    runs = _runs("sgd")
+    first = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"a{i}" for i in range(4)], device="cpu")
+    again = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"b{i}" for i in range(4)], device="cpu")
+    for i, (a, b) in enumerate(zip(first, again)):
+        assert {k: v for k, v in _metrics(a).items() if k != "config_json"} == \
+            {k: v for k, v in _metrics(b).items() if k != "config_json"}
+        assert _steps(tmp_path / f"a{i}") == _steps(tmp_path / f"b{i}")
+
+
+def test_fused_pack_restores_unchanged_members(tiny_data, tiny_pretrained, tmp_path, capfd):
+    runs = _runs("sgd")
+    outs = [tmp_path / f"r{i}" for i in range(4)]
+    first = run_finetune_fused(runs, tiny_pretrained, tiny_data, outs, device="cpu")
+    for out in outs:  # what Snakemake does before it reruns the pack: every member's outputs go
+        (out / "summary.parquet").unlink()
+        (out / "steps.parquet").unlink()
+    changed = [{**runs[0], "lr": 0.011, "train": {**runs[0]["train"], "lr": 0.011}}, *runs[1:]]
+    capfd.readouterr()
+    again = run_finetune_fused(changed, tiny_pretrained, tiny_data, outs, device="cpu")
+    err = capfd.readouterr().err
+    assert err.count("restored, not retrained") == 3 and str(outs[0]) not in err
+    assert again[0]["lr"] == 0.011 and again[0]["final_loss"] != first[0]["final_loss"]
+    for i in (1, 2, 3):  # the very records of the first pack (same wall_seconds: not trained again)
+        assert again[i] == first[i]
+        assert (outs[i] / "summary.parquet").exists() and (outs[i] / "steps.parquet").exists()
+
+
+def test_fused_icl_runs_equal_one_by_one(tmp_path):
+    """An ICL K × seed sweep of one positional scheme, fused (a different world per run) vs one by one."""
+    import yaml
+
+    from adaptlab import icl
+    from adaptlab.config import validate_config
+    from adaptlab.icl.run import fuse_key, run_icl, run_icl_fused
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs/test.yaml").read_text())
+    cfg["icl"]["unimodal"] = {"schemes": ["rope"], "Ks": [32, 64], "seeds": [0, 1]}
+    cfg["icl"]["train"] = {"steps": 20, "eval_every": 10, "batch_size": 32, "optimizer": "adam", "lr": 0.003}
+    specs = [s for s in icl.specs(validate_config(cfg)).values() if s["kind"] == "icl_uni" and s["scheme"] == "rope"]
+    assert len(specs) == 4 and len({fuse_key(s) for s in specs}) == 1
+    alone = [run_icl(s, tmp_path / f"a{i}", device="cpu") for i, s in enumerate(specs)]
+    fused = run_icl_fused(specs, [tmp_path / f"f{i}" for i in range(4)], [None] * 4, device="cpu")
+    for i, (a, f) in enumerate(zip(alone, fused)):
+        assert a["status"] == f["status"] == "ok"
+        _assert_same_run(a, f, tmp_path / f"a{i}", tmp_path / f"f{i}")
+        for col in ("icl_ic_acc", "icl_iw_acc", "icl_test_ic_acc", "icl_test_iw_acc"):
+            assert f[col] == pytest.approx(a[col], abs=1 / 64 + 1e-9), col
+        ea = pq.read_table(tmp_path / f"a{i}" / "icl_eval.parquet").to_pydict()
+        ef = pq.read_table(tmp_path / f"f{i}" / "icl_eval.parquet").to_pydict()
+        assert ea["step"] == ef["step"] and ea["metric"] == ef["metric"]
+        assert (tmp_path / f"f{i}" / "model.safetensors").stat().st_size > 0  # the stage-1 weights output

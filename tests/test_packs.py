@@ -1,0 +1,161 @@
+"""Run packs (adaptlab.packs, rules/packs.smk): membership, a pack's members' records, and the test preset packed
+(and partly fused) end to end against the same preset one run per job."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from adaptlab.packs import plan, run_pack
+from adaptlab.records import PROVENANCE_COLUMNS, TIMING_COLUMNS, read_summary
+from conftest import TINY_MODEL, copy_workflow, make_run, planned_jobs, snakemake
+
+
+def _grid(datasets, lrs, seeds=(0,)):
+    return {f"g/{d}/full/sgd/lr{lr}/seed{s}": {"grid": "g", "dataset": d, "lr": str(lr), "seed": str(s)}
+            for d in datasets for lr in lrs for s in seeds}
+
+
+def test_membership_is_a_function_of_each_runs_own_key():
+    members = _grid(["a", "b"], [0.1, 0.2, 0.3])
+    packs = plan("finetune", members, ("grid", "dataset"), size=lambda wc: 2)
+    assert [p.name for p in packs] == ["finetune_pack_g_a_0", "finetune_pack_g_a_1", "finetune_pack_g_b_0",
+                                       "finetune_pack_g_b_1"]
+    assert [len(p.members) for p in packs] == [2, 1, 2, 1]
+    assert plan("finetune", dict(reversed(members.items())), ("grid", "dataset"), size=lambda wc: 2) == packs
+    # a new dataset adds its own packs and leaves the others exactly as they were
+    more = plan("finetune", {**members, **_grid(["c"], [0.1, 0.2, 0.3])}, ("grid", "dataset"), size=lambda wc: 2)
+    assert more[:2] == packs[:2] and more[-2:] == packs[-2:] and len(more) == 6
+    # size 1: the rule's own jobs, no pack
+    assert plan("finetune", members, ("grid", "dataset"), size=lambda wc: 1) == []
+    # sizes per key: only b is packed
+    assert [p.name for p in plan("finetune", members, ("grid", "dataset"),
+                                 size=lambda wc: 3 if wc["dataset"] == "b" else 1)] == ["finetune_pack_g_b_0"]
+
+
+def _member(run: dict, out: Path, data, pre, on_error="record") -> dict:
+    return {"rule": "finetune", "out_dir": str(out), "log": str(out / "job.log"),
+            "input": {"model": str(pre), "data": str(data)},
+            "params": {"run": json.dumps(run), "device": "cpu", "on_error": on_error}}
+
+
+def test_a_pack_writes_each_runs_records_and_a_failing_run_does_not_stop_the_others(tiny_data, tiny_pretrained,
+                                                                                      tmp_path, capfd):
+    runs = [make_run(lr=lr) for lr in (0.01, 0.02, 0.03)]
+    for r in runs:
+        r["model"] = TINY_MODEL
+    members = [_member(r, tmp_path / f"r{i}", tiny_data, tiny_pretrained) for i, r in enumerate(runs)]
+    members[1]["input"]["data"] = str(tmp_path / "missing.safetensors")
+    members[1]["params"]["on_error"] = "raise"
+    with pytest.raises(SystemExit) as stop:
+        run_pack(members, threads=1)
+    assert stop.value.code == 1
+    err = capfd.readouterr().err
+    assert f"{tmp_path / 'r1'}: FileNotFoundError" in err and "1 of 3 runs raised" in err
+    for i in (0, 2):  # the members after the failing one still trained, each with its own log and records
+        row = read_summary(tmp_path / f"r{i}" / "summary.parquet")
+        assert row["status"] == "ok" and row["lr"] == runs[i]["lr"]
+        assert (tmp_path / f"r{i}" / "steps.parquet").exists()
+        assert "=== " in (tmp_path / f"r{i}" / "job.log").read_text()
+    assert "missing.safetensors" in (tmp_path / "r1" / "job.log").read_text()
+
+
+# --- the test preset, packed, end to end --------------------------------------------------------------------
+
+FUSED_GRIDS = {"main"}  # trains fused below: compared within tolerance, the rest exactly
+
+
+def _packed(cfg: dict) -> None:
+    grids = cfg["finetune"]["grids"]
+    grids["main"].update(pack=4, fuse=True)
+    grids["components"]["pack"] = 2
+    cfg["icl"]["pack"] = 2
+    cfg["icl"]["fuse"] = True
+    cfg["icl"]["unimodal"]["seeds"] = [0, 1]  # two unimodal runs of one shape: a fused ICL pack
+    for section in ("continual", "precond", "peft", "plasticity"):
+        cfg[section]["pack"] = 4
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    wd = copy_workflow(tmp_path_factory.mktemp("packed"))
+    cfg = yaml.safe_load((wd / "configs/test.yaml").read_text())
+    _packed(cfg)
+    (wd / "configs/packed.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wd, "--cores", "2", "--configfile", "configs/packed.yaml")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (wd / "run.log").write_text(proc.stdout + proc.stderr)
+    return wd
+
+
+def test_packed_preset_runs_fewer_jobs(packed):
+    log = (packed / "run.log").read_text()
+    jobs = planned_jobs(log)
+    assert "finetune" not in jobs and "continual_run" not in jobs and "icl_uni" not in jobs
+    assert {"finetune_pack_main_noisy_0", "finetune_pack_main_digits_0", "finetune_pack_components_noisy_0",
+            "icl_uni_pack_all_0", "continual_run_pack_t_rl_0"} <= set(jobs)
+    assert "train fused" in (packed / "results/runs/main/noisy/full/sgd/lr0.01/seed0/job.log").read_text()
+    assert "train fused" in (packed / "results/runs/icl/uni/ape/K32/seed1/job.log").read_text()
+
+
+def _metrics(row: dict) -> dict:
+    skip = set(TIMING_COLUMNS) | set(PROVENANCE_COLUMNS) | {"precond_sec_per_step", "train_seconds", "latency_ms"}
+    return {k: v for k, v in row.items() if k not in skip}
+
+
+def test_packed_records_equal_one_run_per_job(packed, pipeline_workdir):
+    """Every run of the unpacked preset has the same record packed: exactly, or within float tolerance when it
+    trained fused."""
+    runs = sorted(p.parent.relative_to(pipeline_workdir / "results/runs")
+                  for p in (pipeline_workdir / "results/runs").rglob("summary.parquet"))
+    assert len(runs) >= 20
+    for rid in runs:
+        a = _metrics(read_summary(pipeline_workdir / "results/runs" / rid / "summary.parquet"))
+        b = _metrics(read_summary(packed / "results/runs" / rid / "summary.parquet"))
+        assert a.keys() == b.keys(), rid
+        fused = rid.parts[0] in FUSED_GRIDS or rid.parts[0] == "icl"  # icl/mm start from fused stage-1 weights
+        if not fused:
+            assert a == b, rid
+            continue
+        for k, v in a.items():
+            if isinstance(v, float) and isinstance(b[k], float) and not (math.isnan(v) and math.isnan(b[k])):
+                tol = 1 / 32 + 1e-9 if "acc" in k else 1e-3
+                assert b[k] == pytest.approx(v, abs=tol, rel=1e-3), (rid, k)
+            elif k != "config_json":
+                assert b[k] == v, (rid, k)
+
+
+def test_packed_preset_makes_the_same_tables(packed, pipeline_workdir):
+    def columns(wd):
+        with duckdb.connect(str(wd / "results/adaptlab.duckdb"), read_only=True) as con:
+            return con.execute("SELECT table_name, column_name FROM information_schema.columns "
+                               "ORDER BY ALL").fetchall()
+
+    assert columns(packed) == columns(pipeline_workdir)
+    assert sorted(p.name for p in (packed / "results/figures").iterdir()) == \
+        sorted(p.name for p in (pipeline_workdir / "results/figures").iterdir())
+
+
+def test_one_lr_change_reruns_its_packs_and_retrains_only_the_changed_runs(packed):
+    cfg = yaml.safe_load((packed / "configs/packed.yaml").read_text())
+    cfg["finetune"]["grids"]["main"]["lrs"] = [0.01, 0.07]
+    (packed / "configs/one_lr.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(packed, "-n", "--cores", "2", "--configfile", "configs/one_lr.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert set(planned_jobs(proc.stdout + proc.stderr)) == {"finetune_pack_main_noisy_0",
+                                                             "finetune_pack_main_digits_0", "aggregate", "all"}
+    proc = snakemake(packed, "--cores", "2", "--configfile", "configs/one_lr.yaml")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = packed / "results/runs/main"
+    for d in ("noisy", "digits"):
+        # the fused pack's members share one log text; restore messages name their run directory
+        log = (runs / f"{d}/full/sgd/lr0.01/seed0/job.log").read_text()
+        for t in ("full", "head"):
+            assert f"results/runs/main/{d}/{t}/sgd/lr0.01/seed0: records of this exact run" in log
+            assert f"results/runs/main/{d}/{t}/sgd/lr0.07/seed0: records of this exact run" not in log
+            new = read_summary(runs / f"{d}/{t}/sgd/lr0.07/seed0/summary.parquet")
+            assert new["status"] == "ok" and new["steps_done"] == 20 and new["resumed_from"] == 0
