@@ -29,12 +29,12 @@ CPU = torch.device("cpu")
 LOSS_ATOL = 1e-4
 
 
-def _runs(optimizer: str, **train) -> list[dict]:
+def _runs(optimizer: str, lr_scale: float = 1.0, **train) -> list[dict]:
     """Four runs of one fuse key: different lr, seed and trainable set."""
-    runs = [make_run("full", ("*",), optimizer, 0.01, 0, **train),
-            make_run("head", (), optimizer, 0.05, 1, **train),
-            make_run("mha", ("blocks.*.attn.*",), optimizer, 0.02, 0, **train),
-            make_run("full", ("*",), optimizer, 0.03, 2, **train)]
+    runs = [make_run("full", ("*",), optimizer, 0.01 * lr_scale, 0, **train),
+            make_run("head", (), optimizer, 0.05 * lr_scale, 1, **train),
+            make_run("mha", ("blocks.*.attn.*",), optimizer, 0.02 * lr_scale, 0, **train),
+            make_run("full", ("*",), optimizer, 0.03 * lr_scale, 2, **train)]
     for r in runs:
         r["model"] = TINY_MODEL
     return runs
@@ -56,8 +56,9 @@ def _assert_same_run(a: dict, b: dict, dir_a: Path, dir_b: Path) -> None:
     assert [v for v in sa["val_acc"] if v == v] == pytest.approx([v for v in sb["val_acc"] if v == v], abs=1 / 32 + 1e-9)
 
 
+# Adam at the SGD lrs is chaotic on this tiny model (rounding differences grow to 4e-3 in 12 steps): a tenth
 @pytest.mark.parametrize("optimizer,train", [("sgd", {}), ("adamw", {"weight_decay": 0.05}),
-                                             ("adam", {"weight_decay": 0.01})])
+                                             ("adam", {"weight_decay": 0.01, "lr_scale": 0.1})])
 def test_fused_equals_one_by_one(tiny_data, tiny_pretrained, tmp_path, optimizer, train):
     runs = _runs(optimizer, **train)
     alone = [run_finetune(r, TINY_MODEL, tiny_pretrained, tiny_data, tmp_path / f"a{i}", device="cpu")
@@ -95,7 +96,7 @@ def test_fused_frozen_weights_stay_bit_identical(tiny_data, tiny_pretrained):
 
 def test_fused_divergence_is_per_run(tiny_data, tiny_pretrained, tmp_path):
     runs = _runs("sgd", clip_grad=None)
-    runs[2] = {**runs[2], "lr": 1e6, "run_id": "blowup", "train": {**runs[2]["train"], "lr": 1e6}}
+    runs[2] = {**make_run("full", ("*",), "sgd", 1e6, 0, clip_grad=None), "model": TINY_MODEL}  # the preset's unstable grid
     fused = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"f{i}" for i in range(4)], device="cpu")
     assert [r["status"] for r in fused] == ["ok", "ok", "diverged", "ok"]
     assert fused[2]["steps_done"] < 12 and fused[2]["test_acc"] is None

@@ -29,7 +29,7 @@ def test_membership_is_a_function_of_each_runs_own_key():
     assert plan("finetune", dict(reversed(members.items())), ("grid", "dataset"), size=lambda wc: 2) == packs
     # a new dataset adds its own packs and leaves the others exactly as they were
     more = plan("finetune", {**members, **_grid(["c"], [0.1, 0.2, 0.3])}, ("grid", "dataset"), size=lambda wc: 2)
-    assert more[:2] == packs[:2] and more[-2:] == packs[-2:] and len(more) == 6
+    assert more[:4] == packs and len(more) == 6
     # size 1: the rule's own jobs, no pack
     assert plan("finetune", members, ("grid", "dataset"), size=lambda wc: 1) == []
     # sizes per key: only b is packed
@@ -95,7 +95,9 @@ def packed(tmp_path_factory) -> Path:
 def test_packed_preset_runs_fewer_jobs(packed):
     log = (packed / "run.log").read_text()
     jobs = planned_jobs(log)
-    assert "finetune" not in jobs and "continual_run" not in jobs and "icl_uni" not in jobs
+    assert "continual_run" not in jobs and "icl_uni" not in jobs and "precond_train" not in jobs
+    # the one grid left at pack 1 keeps the rule's own job
+    assert jobs["finetune"] == ["results/runs/unstable/noisy/full/sgd/lr1e+06/seed0/summary.parquet"]
     assert {"finetune_pack_main_noisy_0", "finetune_pack_main_digits_0", "finetune_pack_components_noisy_0",
             "icl_uni_pack_all_0", "continual_run_pack_t_rl_0"} <= set(jobs)
     assert "train fused" in (packed / "results/runs/main/noisy/full/sgd/lr0.01/seed0/job.log").read_text()
@@ -103,7 +105,8 @@ def test_packed_preset_runs_fewer_jobs(packed):
 
 
 def _metrics(row: dict) -> dict:
-    skip = set(TIMING_COLUMNS) | set(PROVENANCE_COLUMNS) | {"precond_sec_per_step", "train_seconds", "latency_ms"}
+    skip = set(TIMING_COLUMNS) | set(PROVENANCE_COLUMNS) | {"precond_sec_per_step", "train_seconds", "latency_ms",
+                                                             "latency_merged_ms"}
     return {k: v for k, v in row.items() if k not in skip}
 
 
@@ -159,3 +162,24 @@ def test_one_lr_change_reruns_its_packs_and_retrains_only_the_changed_runs(packe
             assert f"results/runs/main/{d}/{t}/sgd/lr0.07/seed0: records of this exact run" not in log
             new = read_summary(runs / f"{d}/{t}/sgd/lr0.07/seed0/summary.parquet")
             assert new["status"] == "ok" and new["steps_done"] == 20 and new["resumed_from"] == 0
+
+
+def test_pack_and_fuse_are_not_part_of_any_runs_spec():
+    """Packing changes how runs are laid out in jobs, never a run's params or record key (no rerun, no retrain)."""
+    from adaptlab.config import expand_runs, load_config, stable_json
+    from adaptlab.studies import studies
+
+    plain = load_config(Path(__file__).parents[1] / "configs/test.yaml")
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs/test.yaml").read_text())
+    for section in ("plasticity", "precond", "peft", "icl", "continual"):
+        cfg[section]["pack"] = 3
+    cfg["icl"]["fuse"] = True
+    for grid in cfg["finetune"]["grids"].values():
+        grid.update(pack=3, fuse=True)
+    from adaptlab.config import validate_config
+
+    packed = validate_config(cfg)
+    for study in studies():
+        a, b = study.specs(plain), study.specs(packed)
+        assert {k: stable_json(v) for k, v in a.items()} == {k: stable_json(v) for k, v in b.items()}, study.SECTION
+    assert [stable_json(r.as_dict()) for r in expand_runs(plain)] == [stable_json(r.as_dict()) for r in expand_runs(packed)]

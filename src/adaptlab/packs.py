@@ -35,6 +35,10 @@ from typing import Callable
 
 from adaptlab.preemption import EXIT_PREEMPTED
 
+# Config keys that say how runs are laid out in jobs, not what a run is: never part of a run's spec (its params,
+# its record key), so changing them reruns nothing that is not restored.
+LAYOUT_KEYS = ("pack", "fuse")
+
 
 @dataclass
 class Pack:

@@ -11,10 +11,12 @@ Settings live in the config section ``plasticity`` (schema: ``schemas/plasticity
 from __future__ import annotations
 
 from adaptlab.config import ConfigError, backbone_spec, run_model_config
+from adaptlab.packs import LAYOUT_KEYS  # how runs are laid out in jobs, not what a run is
 from adaptlab.plasticity.claims import CLAIMS
 from adaptlab.plasticity.tables import FIGURES, RAW_TABLES, SUMMARY_FIELDS, TABLES
 
 # the Study surface (adaptlab.studies.Study)
+
 __all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
 SECTION = "plasticity"
 RUN_IDS = {"analysis": "plasticity/analysis/{backbone}/{dataset}",
@@ -50,6 +52,6 @@ def specs(cfg: dict) -> dict[str, dict]:
     for kind in RUN_IDS:
         for backbone, dataset in study_pairs(cfg):
             out[RUN_IDS[kind].format(backbone=backbone, dataset=dataset)] = {
-                **cfg[SECTION], "backbone": backbone, "dataset": dataset, "source": source_dataset(cfg, backbone),
+                **{k: v for k, v in cfg[SECTION].items() if k not in LAYOUT_KEYS}, "backbone": backbone, "dataset": dataset, "source": source_dataset(cfg, backbone),
                 "model": run_model_config(backbone_spec(cfg, backbone)["model"])}
     return out

@@ -1,0 +1,140 @@
+"""Runs per minute: one run per process vs run packs vs fused packs, through Snakemake (2 cores by default).
+
+    python benchmarks/bench_packs.py [--scenarios finetune,icl,continual] [--default] [--cores 2]
+
+Each scenario is one grid of the default config (config.yaml), run three ways in fresh copies of the workflow that
+share the prepared data and backbone (made once, copied, not timed): ``pack: 1`` (one process per run: a job per
+run, each paying the torch/timm import and the data load), ``pack: N`` (one process per pack) and ``pack: N`` with
+``fuse: true`` (the pack's same-shape runs as one batched model). Printed per mode: runs, wall seconds, runs/min
+and the speed-up over one run per process, all measured in this one invocation.
+
+- finetune: the Study 1 component grid (2 datasets × 7 trainable sets × 2 lrs = 28 runs), packs of 14;
+- icl: the unimodal sweep with 2 seeds (2 schemes × 2 K × 2 seeds = 8 runs), one pack (fused per scheme);
+- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), one pack (continual runs do not fuse).
+
+``--default`` also times the whole default pipeline from a clean ``results/``: as configured (packed) and with every
+pack set to 1 (one run per job, the pipeline before packs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("plasticity", "precond", "peft", "icl", "continual")
+
+
+def copy_workflow(dest: Path) -> Path:
+    dest.mkdir(parents=True)
+    for name in ("Snakefile", "config.yaml"):
+        shutil.copy(REPO / name, dest / name)
+    for name in ("rules", "workflow", "configs", "profiles"):
+        shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def snakemake(wd: Path, cfg: dict, targets: list[str], cores: int) -> float:
+    (wd / "configs/bench.yaml").write_text(yaml.safe_dump(cfg))
+    t = time.perf_counter()
+    # targets before --configfile: Snakemake reads the words after it as more config files
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", str(cores), *targets,
+                           "--configfile", "configs/bench.yaml"], cwd=wd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"snakemake in {wd} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t
+
+
+def unpacked(cfg: dict) -> dict:
+    cfg = copy.deepcopy(cfg)
+    for grid in cfg["finetune"]["grids"].values():
+        grid.update(pack=1, fuse=False)
+    for section in SECTIONS:
+        if section in cfg:
+            cfg[section]["pack"] = 1
+            cfg[section].pop("fuse", None)
+    return cfg
+
+
+def _finetune(cfg: dict, mode: str) -> dict:
+    grids = cfg["finetune"]["grids"]
+    grids["components"].update(pack=14 if mode != "one" else 1, fuse=mode == "fused")
+    return cfg
+
+
+def _icl(cfg: dict, mode: str) -> dict:
+    cfg["icl"]["unimodal"]["seeds"] = [0, 1]
+    cfg["icl"].update(pack=8 if mode != "one" else 1, fuse=mode == "fused")
+    return cfg
+
+
+def _continual(cfg: dict, mode: str) -> dict:
+    for grid in cfg["continual"]["grids"].values():
+        grid["seeds"] = [0, 1, 2]
+    cfg["continual"]["pack"] = 27 if mode != "one" else 1
+    return cfg
+
+
+def _targets(name: str, cfg: dict) -> list[str]:
+    from adaptlab import continual, icl
+    from adaptlab.config import expand_runs, validate_config
+
+    cfg = validate_config(cfg)
+    if name == "finetune":
+        ids = [r.run_id for r in expand_runs(cfg) if r.grid == "components"]
+    elif name == "icl":
+        ids = [r for r, s in icl.specs(cfg).items() if s["kind"] == "icl_uni"]
+    else:
+        ids = list(continual.specs(cfg))
+    return [f"results/runs/{r}/summary.parquet" for r in ids]
+
+
+SCENARIOS = {"finetune": (_finetune, ("one", "packed", "fused")), "icl": (_icl, ("one", "packed", "fused")),
+             "continual": (_continual, ("one", "packed"))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenarios", default="finetune,icl,continual")
+    ap.add_argument("--default", action="store_true", help="also time the whole default pipeline, packed and not")
+    ap.add_argument("--cores", type=int, default=2)
+    args = ap.parse_args()
+    base = unpacked(yaml.safe_load((REPO / "config.yaml").read_text()))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        prep = copy_workflow(tmp / "prep")  # the data and the backbone every scenario reads, made once
+        snakemake(prep, base, ["results/runs/pretrain/base/model.safetensors", "results/data/noisy.safetensors",
+                               "results/data/sketch.safetensors"], args.cores)
+        print(f"{'scenario':10s} {'mode':7s} {'runs':>5s} {'wall s':>8s} {'runs/min':>9s} {'speed-up':>9s}")
+        for name in args.scenarios.split(","):
+            edit, modes = SCENARIOS[name]
+            first = None
+            for mode in modes:
+                cfg = edit(copy.deepcopy(base), mode)
+                wd = copy_workflow(tmp / f"{name}_{mode}")
+                shutil.copytree(prep / "results", wd / "results")
+                shutil.copytree(prep / ".snakemake", wd / ".snakemake", ignore=shutil.ignore_patterns("locks"))
+                targets = _targets(name, cfg)
+                wall = snakemake(wd, cfg, targets, args.cores)
+                rate = len(targets) / wall * 60
+                first = first or rate
+                print(f"{name:10s} {mode:7s} {len(targets):5d} {wall:8.1f} {rate:9.1f} {rate / first:8.2f}x",
+                      flush=True)
+        if args.default:
+            packed = yaml.safe_load((REPO / "config.yaml").read_text())
+            for label, cfg in (("packed (config.yaml)", packed), ("one run per job", base)):
+                wd = copy_workflow(tmp / f"default_{label.split()[0]}")
+                wall = snakemake(wd, cfg, [], args.cores)
+                print(f"default pipeline, clean results/, {label:22s}: {wall:7.1f} s ({wall / 60:.1f} min)",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
