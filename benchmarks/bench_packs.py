@@ -9,8 +9,10 @@ run, each paying the torch/timm import and the data load), ``pack: N`` (one proc
 and the speed-up over one run per process, all measured in this one invocation.
 
 - finetune: the Study 1 component grid (2 datasets × 7 trainable sets × 2 lrs = 28 runs), packs of 14;
-- icl: the unimodal sweep with 2 seeds (2 schemes × 2 K × 2 seeds = 8 runs), one pack (fused per scheme);
-- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), one pack (continual runs do not fuse).
+- icl: the unimodal sweep with 2 seeds (2 schemes × 2 K × 2 seeds = 8 runs), packs of 4 (one per scheme, fused);
+- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), packs of 14 (continual runs do not fuse).
+
+Packs are sized so that there are at least as many packs as cores: a pack is one process on one core.
 
 ``--default`` also times the whole default pipeline from a clean ``results/``: as configured (packed) and with every
 pack set to 1 (one run per job, the pipeline before packs).
@@ -71,14 +73,14 @@ def _finetune(cfg: dict, mode: str) -> dict:
 
 def _icl(cfg: dict, mode: str) -> dict:
     cfg["icl"]["unimodal"]["seeds"] = [0, 1]
-    cfg["icl"].update(pack=8 if mode != "one" else 1, fuse=mode == "fused")
+    cfg["icl"].update(pack=4 if mode != "one" else 1, fuse=mode == "fused")
     return cfg
 
 
 def _continual(cfg: dict, mode: str) -> dict:
     for grid in cfg["continual"]["grids"].values():
         grid["seeds"] = [0, 1, 2]
-    cfg["continual"]["pack"] = 27 if mode != "one" else 1
+    cfg["continual"]["pack"] = 14 if mode != "one" else 1
     return cfg
 
 

@@ -4,13 +4,14 @@
 # Snakemake picks it over the rule's own wildcard job for them (a rule without wildcards wins). Its params hold
 # every member's params: a one-value change reruns the packs holding changed runs, and inside them the unchanged
 # members are restored from their kept records (adaptlab.run_dir), not retrained. On a cluster a pack asks for the
-# packed rule's resources (profiles/slurm), with the runtime of all its members.
+# packed rule's resources (profiles/slurm): the runtime of all its members one after another, or of one member
+# when the pack trains fused (its runs step together).
 
 
-def pack_resources(rule, n_members):
-    """The packed rule's --set-resources (profile) entry, with ``runtime`` × the number of members."""
+def pack_resources(rule, n_members, fused):
+    """The packed rule's --set-resources (profile) entry, ``runtime`` × the members that run one after another."""
     res = dict(workflow.resource_settings.overwrite_resources.get(rule, {}))
-    if isinstance(res.get("runtime"), (int, float)):
+    if isinstance(res.get("runtime"), (int, float)) and not fused:
         res["runtime"] = res["runtime"] * n_members
     return res
 
@@ -32,6 +33,6 @@ for _pack, _members in run_packs():
             fuse=_pack.fuse,
         threads: _base.resources["_cores"] if isinstance(_base.resources["_cores"], int) else 1
         resources:
-            **pack_resources(_pack.rule, len(_members)),
+            **pack_resources(_pack.rule, len(_members), _pack.fuse),
         script:
             "../workflow/scripts/pack_run.py"

@@ -105,15 +105,22 @@ def test_fused_divergence_is_per_run(tiny_data, tiny_pretrained, tmp_path):
         _assert_same_run(alone, fused[i], tmp_path / f"a{i}", tmp_path / f"f{i}")
 
 
+def _kill_runs(diverging: bool) -> list[dict]:
+    runs = _runs("adamw", weight_decay=0.05, clip_grad=None)
+    if diverging:  # a member that diverges before the first checkpoint: its checkpoint says so, at its own step
+        runs[2] = {**make_run("full", ("*",), "adamw", 1e6, 0, weight_decay=0.05, clip_grad=None), "model": TINY_MODEL}
+    return runs
+
+
 KILL_FUSED = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from test_fused import _runs
+from test_fused import _kill_runs
 from adaptlab.runner import run_finetune_fused
 def die(step):
     if step == 6:
         os.kill(os.getpid(), signal.SIGKILL)
-run_finetune_fused(_runs("adamw", weight_decay=0.05), {pre!r}, {data!r}, {outs!r}, device="cpu", on_step=die)
+run_finetune_fused(_kill_runs({diverging!r}), {pre!r}, {data!r}, {outs!r}, device="cpu", on_step=die)
 """
 
 
@@ -121,18 +128,20 @@ def _metrics(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in TIMING_COLUMNS}
 
 
-def test_fused_pack_killed_resumes_to_the_same_records(tiny_data, tiny_pretrained, tmp_path):
+@pytest.mark.parametrize("diverging", [False, True])
+def test_fused_pack_killed_resumes_to_the_same_records(tiny_data, tiny_pretrained, tmp_path, diverging):
     killed = [str(tmp_path / f"k{i}") for i in range(4)]
     script = KILL_FUSED.format(tests=str(Path(__file__).parent), pre=str(tiny_pretrained), data=str(tiny_data),
-                               outs=killed)
+                               outs=killed, diverging=diverging)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert all((Path(k) / "ckpt.safetensors").exists() and not (Path(k) / "summary.parquet").exists() for k in killed)
-    runs = _runs("adamw", weight_decay=0.05)
+    runs = _kill_runs(diverging)
     resumed = run_finetune_fused(runs, tiny_pretrained, tiny_data, killed, device="cpu")
     assert [r["resumed_from"] for r in resumed] == [4] * 4  # checkpoints every 4 steps; killed after step 6
     straight = run_finetune_fused(runs, tiny_pretrained, tiny_data, [tmp_path / f"s{i}" for i in range(4)],
                                   device="cpu")
+    assert [r["status"] for r in straight] == (["ok", "ok", "diverged", "ok"] if diverging else ["ok"] * 4)
     for i, (a, b) in enumerate(zip(resumed, straight)):
         assert _metrics(a) == _metrics(b)
         assert _steps(Path(killed[i])) == _steps(tmp_path / f"s{i}")

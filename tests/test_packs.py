@@ -183,3 +183,27 @@ def test_pack_and_fuse_are_not_part_of_any_runs_spec():
         a, b = study.specs(plain), study.specs(packed)
         assert {k: stable_json(v) for k, v in a.items()} == {k: stable_json(v) for k, v in b.items()}, study.SECTION
     assert [stable_json(r.as_dict()) for r in expand_runs(plain)] == [stable_json(r.as_dict()) for r in expand_runs(packed)]
+
+
+def test_a_pack_asks_the_cluster_for_its_rules_resources(tmp_path):
+    """Through profiles/slurm (dry run): a pack job gets its rule's set-resources entry, the runtime of its members
+    one after another, or of one member when it trains fused."""
+    import re
+
+    wd = copy_workflow(tmp_path / "wf")
+    cfg = yaml.safe_load((wd / "configs/test.yaml").read_text())
+    cfg["finetune"]["grids"]["main"]["pack"] = 4
+    cfg["finetune"]["grids"]["components"].update(pack=2, fuse=True)
+    (wd / "configs/packed.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(wd, "-n", "--profile", "profiles/slurm", "--configfile", "configs/packed.yaml")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    entry = yaml.safe_load((wd / "profiles/slurm/config.yaml").read_text())["set-resources"]["finetune"]
+    res = {rule: dict(kv.split("=", 1) for kv in found.split(", ")) for rule, found in
+           re.findall(r"^[ \t]*rule (\w+_pack_\w+):\n(?:[ \t]+.*\n)*?[ \t]+resources: (.*)\n", log, flags=re.M)}
+    assert set(res) == {"finetune_pack_main_noisy_0", "finetune_pack_main_digits_0", "finetune_pack_components_noisy_0"}
+    for rule, r in res.items():
+        assert r["slurm_partition"] == entry["slurm_partition"] and r["gpu"] == "1"
+        assert int(r["mem_mb"]) == entry["mem_mb"] and int(r["cpus_per_task"]) == entry["cpus_per_task"]
+    assert int(res["finetune_pack_main_noisy_0"]["runtime"]) == 4 * entry["runtime"]
+    assert int(res["finetune_pack_components_noisy_0"]["runtime"]) == entry["runtime"]  # fused: runs step together

@@ -3,16 +3,17 @@ kept records a retry restores instead of retraining (adaptlab.preemption, adaptl
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import subprocess
 import sys
+import shutil
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
+from adaptlab.data.prepare import prepare_dataset
 from adaptlab.records import TIMING_COLUMNS, read_summary
 from adaptlab.run_dir import FINISHED_DIR, LOCK_NAME
 from adaptlab.runner import run_finetune
@@ -109,19 +110,27 @@ def test_lock_is_exclusive_while_a_run_trains(tiny_data, tiny_pretrained, tmp_pa
 
 
 def test_records_removed_by_a_failed_group_are_restored_not_retrained(tiny_data, tiny_pretrained, tmp_path):
+    data = tmp_path / "data.safetensors"  # this test's own copy: it rewrites it
+    shutil.copy(tiny_data, data)
+    out = tmp_path / "run"
     run = make_run(lr=0.003)
-    first = run_finetune(run, TINY_MODEL, tiny_pretrained, tiny_data, tmp_path, device="cpu")
+    first = run_finetune(run, TINY_MODEL, tiny_pretrained, data, out, device="cpu")
     for name in ("summary.parquet", "steps.parquet"):  # what Snakemake does to every member of a failed group job
-        (tmp_path / name).unlink()
-    again = run_finetune(run, TINY_MODEL, tiny_pretrained, tiny_data, tmp_path, device="cpu")
+        (out / name).unlink()
+    again = run_finetune(run, TINY_MODEL, tiny_pretrained, data, out, device="cpu")
     assert again == first  # the same record, wall time and host included: restored, not trained
 
-    os.utime(tiny_data)  # a rewritten input (same bytes, new mtime) is a new input: train
-    (tmp_path / "summary.parquet").unlink()
-    retrained = run_finetune(run, TINY_MODEL, tiny_pretrained, tiny_data, tmp_path, device="cpu")
-    assert _metrics(retrained) == _metrics(first) and retrained["wall_seconds"] != first["wall_seconds"]
+    shutil.copy(tiny_data, data)  # rewritten with the same bytes (a dataset prepared again): the same input
+    (out / "summary.parquet").unlink()
+    assert run_finetune(run, TINY_MODEL, tiny_pretrained, data, out, device="cpu") == first
 
-    other = run_finetune(make_run(lr=0.004), TINY_MODEL, tiny_pretrained, tiny_data, tmp_path, device="cpu")
+    prepare_dataset("tiny", {"kind": "procedural", "classes": 4, "image_size": 16, "n_train": 128, "n_val": 32,
+                             "n_test": 32, "seed": 1}, data)  # other content: a new input, train
+    (out / "summary.parquet").unlink()
+    retrained = run_finetune(run, TINY_MODEL, tiny_pretrained, data, out, device="cpu")
+    assert retrained["wall_seconds"] != first["wall_seconds"] and retrained["final_loss"] != first["final_loss"]
+
+    other = run_finetune(make_run(lr=0.004), TINY_MODEL, tiny_pretrained, data, out, device="cpu")
     assert other["lr"] == 0.004 and other["final_loss"] != first["final_loss"]  # another config: trained
 
 

@@ -134,11 +134,8 @@ def _fuser(rule: str):
                                     [m["params"] for m in ms], [m["out_dir"] for m in ms], threads))
 
 
-def run_fused_members(members: list[dict], threads: int) -> list[dict]:
-    """Train every group of two or more members that can train fused (``FUSERS``: same rule and key) as one
-    batched model, inside their job logs; return the members left to train one by one."""
-    from adaptlab.joblog import job_log
-
+def fused_groups(members: list[dict]) -> tuple[list[list[dict]], list[dict]]:
+    """The groups of two or more members that can train fused (``FUSERS``: same rule and key), and the rest."""
     groups: dict[tuple, list[dict]] = {}
     rest = []
     for m in members:
@@ -148,14 +145,9 @@ def run_fused_members(members: list[dict], threads: int) -> list[dict]:
             rest.append(m)
         else:
             groups.setdefault((m["rule"], key), []).append(m)
-    for (rule, _), group in groups.items():
-        if len(group) < 2:
-            rest.extend(group)
-            continue
-        with job_log(*[m["log"] for m in group]):
-            print(f"adaptlab: {len(group)} runs of {rule} train fused: {', '.join(m['out_dir'] for m in group)}")
-            _fuser(rule)[1](group, threads)
-    return rest
+    fused = [g for g in groups.values() if len(g) > 1]
+    rest += [m for g in groups.values() if len(g) == 1 for m in g]
+    return fused, rest
 
 
 def run_member(member: dict, threads: int) -> dict:
@@ -164,25 +156,29 @@ def run_member(member: dict, threads: int) -> dict:
 
 
 def run_pack(members: list[dict], threads: int, fuse: bool = False) -> None:
-    """Train every member, each inside its own job log. Fused groups first (``adaptlab.train.fused``), then the
-    rest one by one. A member that raises does not stop the others: the pack fails at the end, naming them, and
-    its retry restores the finished members. A stop signal stops the pack at once (exit 75: a retry resumes)."""
+    """Train every member, each inside its own job log: with ``fuse``, the groups that can train fused first (one
+    batched model per group, their logs written together), then the rest one by one. A member (or fused group)
+    that raises does not stop the others: the pack fails at the end, naming them, and its retry restores the
+    finished members. A stop signal stops the pack at once (exit 75: a retry resumes)."""
     from adaptlab.joblog import job_log
 
-    rest = members
-    if fuse:
-        rest = run_fused_members(members, threads)
+    groups, rest = fused_groups(members) if fuse else ([], members)
     failed = []
-    for member in rest:
+    for group in [*groups, *([m] for m in rest)]:
         try:
-            with job_log(member["log"]):
-                run_member(member, threads)
+            with job_log(*[m["log"] for m in group]):
+                if len(group) == 1:
+                    run_member(group[0], threads)
+                else:
+                    print(f"adaptlab: {len(group)} runs of {group[0]['rule']} train fused: "
+                          f"{', '.join(m['out_dir'] for m in group)}")
+                    _fuser(group[0]["rule"])[1](group, threads)
         except SystemExit as stop:
             if stop.code == EXIT_PREEMPTED:
                 raise
-            failed.append((member["out_dir"], f"exit {stop.code}"))
+            failed += [(m["out_dir"], f"exit {stop.code}") for m in group]
         except Exception as err:  # noqa: BLE001 - the other members go on; reported below
-            failed.append((member["out_dir"], f"{type(err).__name__}: {err}"))
+            failed += [(m["out_dir"], f"{type(err).__name__}: {err}") for m in group]
     if failed:
         lines = "\n".join(f"  {out}: {why} (see its job.log)" for out, why in failed)
         print(f"adaptlab pack: {len(failed)} of {len(members)} runs raised:\n{lines}", file=sys.stderr)

@@ -7,13 +7,14 @@ is the kernel's: it goes away with its process, however that process ends. On a 
 ``flock`` support (NFSv4, Lustre mounted with ``-o flock``, GPFS, BeeGFS).
 
 **Finished records are kept.** When a run's records are written they are also hard-linked (no copy, no extra
-space) into ``<run>/.finished/`` with a key: the run's config, its code fingerprint and the size and mtime of
-each input file (backbone weights, dataset). Snakemake removes the outputs of every member of a failed, cancelled
-or timed-out group job, including members that had finished; when the retry reaches such a member, ``restore``
-links its records back instead of training it again. A changed config, changed code or a rewritten input changes
-the key, and the run trains. ``rm -r <run>/.finished`` forces a run to train again.
+space) into ``<run>/.finished/`` with a key: the run's config, its code fingerprint and, for each input file
+(backbone weights, dataset), its size and the sha256 of its content. Snakemake removes the outputs of every member
+of a failed, cancelled or timed-out group job, including members that had finished, and of every member of a pack
+it reruns because one member changed (adaptlab.packs); when the job reaches such a run, ``restore`` links its
+records back instead of training it again. A changed config, changed code or an input whose content
+changed (sha256) changes the key, and the run trains. ``rm -r <run>/.finished`` forces a run to train again.
 
-Written by hand: ``fcntl.flock`` and ``os.link``; nothing more is needed.
+Written by hand: ``fcntl.flock``, ``os.link`` and ``hashlib.file_digest``; nothing more is needed.
 """
 from __future__ import annotations
 
@@ -51,13 +52,25 @@ def exclusive(out_dir: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, per process: a pack hashes a shared input once
+
+
+def _digest(path: str, st: os.stat_result) -> str:
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        with open(path, "rb") as fh:
+            _DIGESTS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
 def input_identity(paths) -> list[list]:
-    """(path, size, mtime_ns) of each input file: cheap to take for multi-GB datasets, and any rewrite changes it."""
+    """(path, size, sha256 of the content) of each input file: a rewrite with the same bytes (a backbone trained
+    again to the same weights, a dataset prepared again) is the same input, any other change is not."""
     out = []
     for p in paths:
         try:
             st = os.stat(p)
-            out.append([str(p), st.st_size, st.st_mtime_ns])
+            out.append([str(p), st.st_size, _digest(str(p), st)])
         except OSError:  # missing: the run itself reports it, naming the path
             out.append([str(p), None, None])
     return out

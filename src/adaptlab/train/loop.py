@@ -128,7 +128,7 @@ def _resume(runs, ckpt_paths: list[Path], config_ids: list[str]):
     metas = [read_checkpoint_meta(p) if p.exists() else None for p in ckpt_paths]
     if not all(m is not None and m.get("config_id") == cid for m, cid in zip(metas, config_ids)):
         return None
-    if len({m["step"] for m in metas}) != 1:
+    if len({m["step"] for m in metas if m.get("status", "ok") == "ok"}) > 1:  # a diverged run stopped earlier
         return None
     return [runs.load_checkpoint(r, p) for r, p in enumerate(ckpt_paths)]
 
@@ -162,7 +162,7 @@ def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_
         states, logs = [s for s, _ in resumed], [lg for _, lg in resumed]
         for s in states:
             s.setdefault("status", "ok")
-        resumed_from = states[0]["step"]
+        resumed_from = max(s["step"] for s in states)
     active = [s["status"] == "ok" for s in states]
 
     clip = cfg["clip_grad"] if cfg["clip_grad"] else math.inf
@@ -244,7 +244,7 @@ def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_
         results.append(FitResult(
             status=state["status"], steps_done=state["step"], best_step=state["best_step"],
             best_val=state["best_metrics"], test=test, final_loss=final_losses[r], log=logs[r],
-            elapsed_seconds=state["elapsed"], steps_this_process=state["step"] - start_step,
+            elapsed_seconds=state["elapsed"], steps_this_process=max(0, state["step"] - start_step),
             seconds_this_process=seconds, resumed_from=resumed_from,
         ))
     return results if fused else results[0]
