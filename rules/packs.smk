@@ -8,11 +8,22 @@
 # when the pack trains fused (its runs step together).
 
 
+from snakemake.resources import Resource
+
+
+def pack_threads(rule):
+    """The packed rule's threads (its ``threads:``, or --set-threads)."""
+    cores = rule.resources["_cores"]
+    return cores.value if isinstance(cores, Resource) and not cores.is_evaluable() else 1
+
+
 def pack_resources(rule, n_members, fused):
-    """The packed rule's --set-resources (profile) entry, ``runtime`` × the members that run one after another."""
+    """The packed rule's --set-resources (profile) entry, ``runtime`` × the members that run one after another
+    (Snakemake's own parsed ``Resource`` objects: the rule gets them as its own rule would)."""
     res = dict(workflow.resource_settings.overwrite_resources.get(rule, {}))
-    if isinstance(res.get("runtime"), (int, float)) and not fused:
-        res["runtime"] = res["runtime"] * n_members
+    runtime = res.get("runtime")
+    if runtime is not None and not runtime.is_evaluable() and not fused:
+        res["runtime"] = Resource("runtime", runtime.value * n_members)
     return res
 
 
@@ -31,8 +42,8 @@ for _pack, _members in run_packs():
         params:
             members=stable_json(_members),
             fuse=_pack.fuse,
-        threads: _base.resources["_cores"] if isinstance(_base.resources["_cores"], int) else 1
-        resources:
-            **pack_resources(_pack.rule, len(_members), _pack.fuse),
+        threads: pack_threads(_base)
         script:
             "../workflow/scripts/pack_run.py"
+    for _name, _res in pack_resources(_pack.rule, len(_members), _pack.fuse).items():
+        getattr(rules, _pack.name).rule.resources[_name] = _res

@@ -125,7 +125,8 @@ run_finetune_fused(_kill_runs({diverging!r}), {pre!r}, {data!r}, {outs!r}, devic
 
 
 def _metrics(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in TIMING_COLUMNS}
+    """The non-timing columns, NaN spelled out (a diverged run's final loss; NaN != NaN)."""
+    return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items() if k not in TIMING_COLUMNS}
 
 
 @pytest.mark.parametrize("diverging", [False, True])

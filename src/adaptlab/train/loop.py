@@ -166,7 +166,8 @@ def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_
     active = [s["status"] == "ok" for s in states]
 
     clip = cfg["clip_grad"] if cfg["clip_grad"] else math.inf
-    final_losses: list[float | None] = [None] * n
+    # the last logged loss of a resumed run (one that stopped before the checkpoint, diverged, takes no more steps)
+    final_losses: list[float | None] = [lg["loss"][-1] if lg["loss"] else None for lg in logs]
     t_start = t_process = time.perf_counter()
     start_step = resumed_from
 
