@@ -129,7 +129,8 @@ def _paths(value):
 
 def member_job(rule, summary):
     """What one run of ``rule`` (a ``Rule``) needs as a pack member: its wildcards applied to the rule's input,
-    output, log and params, as the rule's own job would have them (Snakemake's own expansion)."""
+    output, log and params, as the rule's own job would have them (Snakemake's own expansion: Rule.get_wildcards
+    and expand_*, internals of Snakemake 9; tests/test_packs.py fails if a release changes them)."""
     wc = Wildcards(fromdict=rule.get_wildcards(summary))
     inp = rule.expand_input(wc)[0]
     out = rule.expand_output(wc)[0]
