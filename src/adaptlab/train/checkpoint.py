@@ -27,21 +27,39 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    log: dict[str, list[float]], meta: dict) -> None:
+def write_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], log: dict[str, list[float]],
+                     header: dict) -> None:
+    """The file every checkpoint is: ``tensors`` plus the RNG states and the step log, ``header`` (with the log's
+    columns) as JSON metadata, written to a temporary name and renamed."""
     path = Path(path)
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
-    tensors.update(opt_tensors)
+    tensors = dict(tensors)
     tensors["rng/torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng/cuda"] = torch.cuda.get_rng_state()
     for col, values in log.items():
         tensors[f"log/{col}"] = torch.tensor(values, dtype=torch.float64)
-    header = {"meta": meta, "optimizer": opt_meta, "log_columns": list(log)}
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"adaptlab": json.dumps(header)})
+    save_file(tensors, str(tmp), metadata={"adaptlab": json.dumps({**header, "log_columns": list(log)})})
     os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, list[float]]]:
+    """(header, tensors, log) of a ``write_checkpoint`` file, its RNG states restored."""
+    with safe_open(str(path), framework="pt") as fh:
+        header = json.loads(fh.metadata()["adaptlab"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return header, tensors, {col: tensors[f"log/{col}"].tolist() for col in header["log_columns"]}
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                    log: dict[str, list[float]], meta: dict) -> None:
+    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    tensors.update(opt_tensors)
+    write_checkpoint(path, tensors, log, {"meta": meta, "optimizer": opt_meta})
 
 
 def read_checkpoint_meta(path: str | Path) -> dict:
@@ -51,9 +69,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict[str, list[float]]]:
     """Restore model, optimizer and RNG state in place; return (meta, log)."""
-    with safe_open(str(path), framework="pt") as fh:
-        header = json.loads(fh.metadata()["adaptlab"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    header, tensors, log = read_checkpoint(path)
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict] = {}
     for k, v in tensors.items():
@@ -63,8 +79,4 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, opt: torch.optim.O
     for idx, vals in header["optimizer"]["scalars"].items():
         state.setdefault(int(idx), {}).update(vals)
     opt.load_state_dict({"state": state, "param_groups": header["optimizer"]["param_groups"]})
-    torch.set_rng_state(tensors["rng/torch"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
-    log = {col: tensors[f"log/{col}"].tolist() for col in header["log_columns"]}
     return header["meta"], log

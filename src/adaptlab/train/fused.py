@@ -19,15 +19,12 @@ MLSys 2021, rewrites layers instead).
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.func import functional_call, vmap
 
+from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
 from adaptlab.train.device import autocast
 
 FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -202,27 +199,18 @@ class FusedRuns:
         """Run ``r``'s slice: its weights, its optimizer moments, the RNG and its log, in its own directory."""
         tensors = {f"model/{k}": v[r].detach().cpu().contiguous() for k, v in {**self.params, **self.buffers}.items()}
         tensors.update({f"optim/{k}": v.cpu() for k, v in self.opt.state_of(r).items()})
-        tensors["rng/torch"] = torch.get_rng_state()
-        for col, values in log.items():
-            tensors[f"log/{col}"] = torch.tensor(values, dtype=torch.float64)
-        header = {"meta": meta, "fused_t": self.opt.t, "log_columns": list(log)}
-        tmp = Path(path).with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"adaptlab": json.dumps(header)})
-        os.replace(tmp, path)
+        write_checkpoint(path, tensors, log, {"meta": meta, "fused_t": self.opt.t})
 
     @torch.no_grad()
     def load_checkpoint(self, r: int, path: Path) -> tuple[dict, dict]:
-        with safe_open(str(path), framework="pt") as fh:
-            header = json.loads(fh.metadata()["adaptlab"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        header, tensors, log = read_checkpoint(path)
         for key, val in tensors.items():
             if key.startswith("model/"):
                 name = key[len("model/"):]
                 (self.params.get(name, self.buffers.get(name)))[r].copy_(val)
         self.opt.load_state_of(r, {k[len("optim/"):]: v.to(self.device) for k, v in tensors.items()
                                    if k.startswith("optim/")}, header["fused_t"])
-        torch.set_rng_state(tensors["rng/torch"])
-        return header["meta"], {col: tensors[f"log/{col}"].tolist() for col in header["log_columns"]}
+        return header["meta"], log
 
 
 def fused_config_id(config_id: str) -> str:
