@@ -129,15 +129,26 @@ def _paths(value):
 
 def member_job(rule, summary):
     """What one run of ``rule`` (a ``Rule``) needs as a pack member: its wildcards applied to the rule's input,
-    output, log and params, as the rule's own job would have them (Snakemake's own expansion: Rule.get_wildcards
-    and expand_*, internals of Snakemake 9; tests/test_packs.py fails if a release changes them)."""
+    output and log, as the rule's own job would have them (Snakemake's own expansion: Rule.get_wildcards and
+    expand_*, internals of Snakemake 9; tests/test_packs.py fails if a release changes them). Its params are
+    ``member_params``: evaluated only for a pack Snakemake schedules, not at every parse."""
     wc = Wildcards(fromdict=rule.get_wildcards(summary))
     inp = rule.expand_input(wc)[0]
-    out = rule.expand_output(wc)[0]
-    params = rule.expand_params(wc, inp, out, None)[0]
     return {"rule": rule.name, "out_dir": os.path.dirname(summary), "log": str(rule.expand_log(wc)[0]),
-            "input": {k: _paths(v) for k, v in inp.items()}, "output": [str(o) for o in out],
-            "params": {k: v for k, v in params.items()}}
+            "input": {k: _paths(v) for k, v in inp.items()}, "output": [str(o) for o in rule.expand_output(wc)[0]]}
+
+
+def member_params(rule, summary):
+    """The params one run of ``rule`` would have in its own job (code_version reads its recorded summary)."""
+    wc = Wildcards(fromdict=rule.get_wildcards(summary))
+    params = rule.expand_params(wc, rule.expand_input(wc)[0], rule.expand_output(wc)[0], None)[0]
+    return {k: v for k, v in params.items()}
+
+
+def pack_members(rule, members):
+    """A params function: the pack's members, each with its params (``member_params``)."""
+    return lambda wildcards: stable_json([{**m, "params": member_params(rule, os.path.join(m["out_dir"], "summary.parquet"))}
+                                          for m in members])
 
 
 def run_packs():

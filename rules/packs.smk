@@ -40,7 +40,7 @@ for _pack, _members in run_packs():
         log:
             [m["log"] for m in _members],
         params:
-            members=stable_json(_members),
+            members=pack_members(_base, _members),
             fuse=_pack.fuse,
         threads: pack_threads(_base)
         script:

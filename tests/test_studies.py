@@ -142,11 +142,15 @@ def test_run_skeleton_records_or_raises_and_writes_tables_on_either_path(tmp_pat
         run.tables["x_raw"] = (rows := [], schema)
         run.after.append(lambda: written.append(run.out_dir))
         rows.append({"run_id": "x/run", "v": 1})
+        deep_inside_the_body()
+
+    def deep_inside_the_body():
         raise RuntimeError("boom")
 
     kw = {"steps_planned": 7, "device": "cpu", "extra_fields": extra_fields}
     row = execute(identity, {"a": 1}, tmp_path / "rec", failing, **kw)
     assert row["status"] == "failed" and "RuntimeError: boom" in row["error"] and row["x_metric"] == 0.5
+    assert "deep_inside_the_body" in row["error"]  # the recorded frames end where it failed, not in the plumbing
     summary = read_summary(tmp_path / "rec" / "summary.parquet")
     assert summary["status"] == "failed" and summary["steps_planned"] == 7 and summary["config_json"] == '{"a":1}'
     assert pq.read_table(tmp_path / "rec" / "x_raw.parquet").to_pylist() == [{"run_id": "x/run", "v": 1}]
@@ -164,6 +168,38 @@ def test_run_skeleton_records_or_raises_and_writes_tables_on_either_path(tmp_pat
 
     row = execute(identity, {}, tmp_path / "ok", ok, **kw)
     assert read_summary(tmp_path / "ok" / "summary.parquet")["x_metric"] == 0.9 and row["error"] is None
+
+
+def test_a_failed_run_group_records_each_run_failed_where_it_failed(tmp_path):
+    """``execute_many`` (a fused pack): one exception is every unfinished run's recorded error, with the frames
+    where it was raised; a run whose records are kept is restored, not failed."""
+    from adaptlab.records import read_summary
+    from adaptlab.runner import execute, execute_many
+
+    def identity(name):
+        return {"run_id": f"x/{name}", "kind": "x", "study": "x", "grid": None, "backbone": None, "dataset": None,
+                "seed": 0, "lr": None, "optimizer": None, "trainable": None}
+
+    def ok(run):
+        run.status = "ok"
+
+    kept = execute(identity("kept"), {"n": 0}, tmp_path / "kept", ok, steps_planned=3, device="cpu")
+
+    def fused_body(runs):
+        assert [r.out_dir.name for r in runs] == ["a", "b"]  # the kept run is not trained again
+        stacked_step_that_breaks()
+
+    def stacked_step_that_breaks():
+        raise ValueError("shapes differ")
+
+    jobs = [{"identity": identity(n), "spec": {"n": i}, "out_dir": tmp_path / n, "steps_planned": 3}
+            for i, n in enumerate(["kept", "a", "b"])]
+    rows = execute_many(jobs, fused_body, device="cpu")
+    assert rows[0]["status"] == "ok" and rows[0]["wall_seconds"] == kept["wall_seconds"]  # restored
+    for name, row in zip(["a", "b"], rows[1:]):
+        assert row["status"] == "failed" and "ValueError: shapes differ" in row["error"]
+        assert "stacked_step_that_breaks" in row["error"]
+        assert read_summary(tmp_path / name / "summary.parquet")["status"] == "failed"
 
 
 def test_plasticity_runs_honour_on_error(tmp_path, tiny_data):

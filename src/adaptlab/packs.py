@@ -134,9 +134,11 @@ def _fuser(rule: str):
                                     [m["params"] for m in ms], [m["out_dir"] for m in ms], threads))
 
 
-def fused_groups(members: list[dict]) -> tuple[list[list[dict]], list[dict]]:
-    """The groups of two or more members that can train fused (``FUSERS``: same rule and key), and the rest."""
+def fused_groups(members: list[dict]) -> tuple[list[tuple[Callable, list[dict]]], list[dict]]:
+    """The groups of two or more members that can train fused (``FUSERS``: same rule and key), each with the
+    function that trains it, and the rest."""
     groups: dict[tuple, list[dict]] = {}
+    train: dict[str, Callable] = {}
     rest = []
     for m in members:
         fuser = _fuser(m["rule"])
@@ -145,7 +147,8 @@ def fused_groups(members: list[dict]) -> tuple[list[list[dict]], list[dict]]:
             rest.append(m)
         else:
             groups.setdefault((m["rule"], key), []).append(m)
-    fused = [g for g in groups.values() if len(g) > 1]
+            train[m["rule"]] = fuser[1]
+    fused = [(train[rule], g) for (rule, _), g in groups.items() if len(g) > 1]
     rest += [m for g in groups.values() if len(g) == 1 for m in g]
     return fused, rest
 
@@ -164,15 +167,15 @@ def run_pack(members: list[dict], threads: int, fuse: bool = False) -> None:
 
     groups, rest = fused_groups(members) if fuse else ([], members)
     failed = []
-    for group in [*groups, *([m] for m in rest)]:
+    for train, group in [*groups, *((None, [m]) for m in rest)]:
         try:
             with job_log(*[m["log"] for m in group]):
-                if len(group) == 1:
+                if train is None:
                     run_member(group[0], threads)
                 else:
                     print(f"adaptlab: {len(group)} runs of {group[0]['rule']} train fused: "
                           f"{', '.join(m['out_dir'] for m in group)}")
-                    _fuser(group[0]["rule"])[1](group, threads)
+                    train(group, threads)
         except SystemExit as stop:
             if stop.code == EXIT_PREEMPTED:
                 raise

@@ -48,7 +48,7 @@ def device_name(device: torch.device) -> str:
 
 def error_text(err: BaseException) -> str:
     """What a failed run records in its summary's ``error``: the exception and the last frames of its traceback."""
-    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=3)}"
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=-3)}"
 
 
 def summary_row(identity: dict, cfg: dict, model: torch.nn.Module | None, result: FitResult | None,
@@ -139,29 +139,19 @@ def execute(identity: dict, spec, out_dir: str | Path, body: Callable[[Run], Non
     checkpoint is removed once the run is recorded (kept for a failed one, so a retry resumes); the best-val
     weights too unless ``keep_best``.
     """
-    out_dir, dev, t0 = start_run(out_dir, threads, device)
-    key = run_dir.record_key(stable_json(spec), code_fingerprint(identity["kind"], identity.get("study")), inputs)
-    with run_dir.exclusive(out_dir), preemption.watch():
-        if run_dir.restore(out_dir, key) is not None:
-            return records.read_summary(out_dir / "summary.parquet")
-        marker = _mark_running(out_dir)
-        try:
-            row = _execute(Run(out_dir, dev, steps_planned, t0), identity, spec, body, on_error, extra_fields,
-                           keep_best, reraise)
-        finally:
-            marker.unlink(missing_ok=True)
-        if row["status"] in ("ok", "diverged"):
-            run_dir.keep(out_dir, key)
-        return row
+    job = {"identity": identity, "spec": spec, "out_dir": out_dir, "steps_planned": steps_planned,
+           "on_error": on_error, "extra_fields": extra_fields, "keep_best": keep_best, "reraise": reraise,
+           "inputs": inputs}
+    return execute_many([job], lambda runs: body(runs[0]), device=device, threads=threads)[0]
 
 
 def execute_many(jobs: list[dict], body: Callable[[list[Run]], None], *, device: str = "auto",
                  threads: int = 1) -> list[dict]:
-    """``execute`` for runs that train together (a fused pack): ``jobs`` are ``execute``'s keyword arguments per
-    run (identity, spec, out_dir, steps_planned, on_error, extra_fields, keep_best, inputs). Each run's lock is
-    held; runs whose kept records match are restored; ``body`` gets the ``Run`` of every other run and fills each
-    one's model and result; then each run's records are written as ``execute`` writes them (an exception in
-    ``body`` is each run's error). Returns the summary rows, in ``jobs`` order."""
+    """``execute`` for runs that train together (a fused pack; ``execute`` is this with one run). ``jobs`` are
+    ``execute``'s keyword arguments per run (identity, spec, out_dir, steps_planned, on_error, extra_fields,
+    keep_best, reraise, inputs). Each run's lock is held; runs whose kept records match are restored; ``body``
+    gets the ``Run`` of every other run and fills each one's model and result; then each run's records are
+    written. An exception in ``body`` is each run's error. Returns the summary rows, in ``jobs`` order."""
     started = [start_run(j["out_dir"], threads, device) for j in jobs]
     keys = [run_dir.record_key(stable_json(j["spec"]), code_fingerprint(j["identity"]["kind"], j["identity"].get("study")),
                                j.get("inputs", ())) for j in jobs]
@@ -178,25 +168,22 @@ def execute_many(jobs: list[dict], body: Callable[[list[Run]], None], *, device:
                 todo.append(i)
                 stack.callback(_mark_running(out_dir).unlink, missing_ok=True)
         runs = {i: Run(started[i][0], started[i][1], jobs[i]["steps_planned"], started[i][2]) for i in todo}
-        failure = None
+        failure, error = None, None
         try:
             if todo:
                 body([runs[i] for i in todo])
         except preemption.Preempted:
-            raise
-        except Exception as err:  # noqa: BLE001 - each run records it (or raises, with on_error: raise)
-            failure = err
+            raise  # not a failure: no records, the checkpoint stays, the retried job resumes
+        except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
+            if any(jobs[i].get("on_error", "record") == "raise" for i in todo):
+                raise
+            failure, error = err, error_text(err)  # here, where the traceback still ends at the failing line
         for i in todo:
-            j = jobs[i]
-
-            def replay(run: Run) -> None:
-                if failure is not None:
-                    raise failure
-
-            rows[i] = _execute(runs[i], j["identity"], j["spec"], replay, j.get("on_error", "record"),
-                               j.get("extra_fields", ()), j.get("keep_best", False), False)
+            rows[i] = _record(runs[i], jobs[i], failure, error)
             if rows[i]["status"] in ("ok", "diverged"):
                 run_dir.keep(runs[i].out_dir, keys[i])
+        if failure is not None and any(jobs[i].get("reraise", False) for i in todo):
+            raise failure  # recorded failed, and raised: runs whose outputs others need
     return rows
 
 
@@ -208,30 +195,21 @@ def _mark_running(out_dir: Path) -> Path:
     return marker
 
 
-def _execute(run: Run, identity: dict, spec, body, on_error, extra_fields, keep_best, reraise) -> dict:
-    out_dir, dev, t0 = run.out_dir, run.device, run.started
-    error, failure = None, None
-    try:
-        body(run)
-    except preemption.Preempted:
-        raise  # not a failure: no records, the checkpoint stays, the retried job resumes
-    except Exception as err:  # noqa: BLE001 - recorded, the grid goes on
-        if on_error == "raise":
-            raise
-        run.status, run.result, error, failure = "failed", None, error_text(err), err
-    row = summary_row(identity, {"steps": run.steps_planned}, run.model, run.result, dev, spec,
-                      time.perf_counter() - t0, status=run.status, error=error)
+def _record(run: Run, job: dict, failure: BaseException | None, error: str | None) -> dict:
+    """Write one run's records (summary, steps, raw tables), run its ``after`` steps and clean its checkpoint."""
+    if failure is not None:
+        run.status, run.result = "failed", None
+    row = summary_row(job["identity"], {"steps": run.steps_planned}, run.model, run.result, run.device, job["spec"],
+                      time.perf_counter() - run.started, status=run.status, error=error)
     row.update(run.extra)
     for name, (rows, schema) in run.tables.items():
-        records.write_table(pa.Table.from_pylist(rows, schema=schema), out_dir / f"{name}.parquet")
+        records.write_table(pa.Table.from_pylist(rows, schema=schema), run.out_dir / f"{name}.parquet")
     log = run.log if run.log is not None else (run.result.log if run.result and not failure else None)
-    records.write_run(out_dir, row, log, extra_fields=list(extra_fields))
+    records.write_run(run.out_dir, row, log, extra_fields=list(job.get("extra_fields", ())))
     for step in run.after:
         step()
     if failure is None:
-        _cleanup(out_dir, keep_best)
-    elif reraise:
-        raise failure
+        _cleanup(run.out_dir, job.get("keep_best", False))
     return row
 
 

@@ -50,6 +50,11 @@ class _Bound:
         return functional_call(self.base, (self.params, self.buffers), args, kwargs)
 
 
+def per_run(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-run vector (runs,) shaped to broadcast over a stacked tensor (runs, ...)."""
+    return vec.view(-1, *([1] * (like.dim() - 1)))
+
+
 class StackedOptimizer:
     """SGD-momentum or Adam/AdamW over stacked tensors: per-run lr (``lr``: a tensor of shape [R]), and updates
     masked per run and tensor (trainable in that run and the run still active)."""
@@ -60,17 +65,14 @@ class StackedOptimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.t = 0
 
-    def _view(self, vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return vec.view(-1, *([1] * (like.dim() - 1)))
-
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
         cfg, self.t = self.cfg, self.t + 1
         for name, p in self.params.items():
             if p.grad is None:
                 continue
-            keep = self._view(self.masks[name] & active, p)
-            lr, g, wd = self._view(self.lr, p), p.grad, cfg["weight_decay"]
+            keep = per_run(self.masks[name] & active, p)
+            lr, g, wd = per_run(self.lr, p), p.grad, cfg["weight_decay"]
             st = self.state.setdefault(name, {})
             if self.kind == "sgd":
                 if wd:
@@ -162,14 +164,14 @@ class FusedRuns:
         norms = []
         for name, p in self.params.items():
             if p.grad is not None:  # frozen in a run: no gradient there (a diverged run's NaN stays out too)
-                keep = self.opt._view(self.masks[name] & ok, p)
+                keep = per_run(self.masks[name] & ok, p)
                 p.grad = torch.where(keep, p.grad, torch.zeros_like(p.grad))
                 norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1))
         total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
         coef = torch.clamp(clip / (total + 1e-6), max=1.0)
         for p in self.params.values():
             if p.grad is not None:
-                p.grad.mul_(self.opt._view(coef, p))
+                p.grad.mul_(per_run(coef, p))
         return [n if o else float("nan") for n, o in zip(total.tolist(), ok.tolist())]
 
     def step(self, active: list[bool]) -> None:
