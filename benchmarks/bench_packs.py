@@ -1,6 +1,7 @@
 """Runs per minute: one run per process vs run packs vs fused packs, through Snakemake (2 cores by default).
 
     python benchmarks/bench_packs.py [--scenarios finetune,icl,continual] [--default] [--cores 2]
+    python benchmarks/bench_packs.py --preset cpu [--scenarios plasticity,continual]
 
 Each scenario is one grid of the default config (config.yaml), run three ways in fresh copies of the workflow that
 share the prepared data and backbone (made once, copied, not timed): ``pack: 1`` (one process per run: a job per
@@ -13,6 +14,14 @@ and the speed-up over one run per process, all measured in this one invocation.
 - continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), packs of 14 (continual runs do not fuse).
 
 Packs are sized so that there are at least as many packs as cores: a pack is one process on one core.
+
+``--preset cpu`` runs slices of ``configs/cpu.yaml`` at that preset's sizes and pack sizes, one run per process vs
+packed (the same-time ratio for the preset's arms, which take too long to time twice in full):
+
+- plasticity: the Study 1 component grid on one setting (sketch: 7 sets × 4 lrs × 3 seeds = 84 runs), packs of 21
+  (the preset's 28 give 12 packs over its 4 settings; 21 gives this slice 4 packs, an even load on 2 cores);
+- continual: the MLP method grid on one benchmark (rl_gauss: 11 methods × 3 seeds = 33 runs), packs of 17 (2 packs;
+  the preset's 11 gives 3 over one benchmark, which leaves a core idle for the last).
 
 ``--default`` also times the whole default pipeline from a clean ``results/``: as configured (packed) and with every
 pack set to 1 (one run per job, the pipeline before packs).
@@ -98,40 +107,66 @@ def _targets(name: str, cfg: dict) -> list[str]:
     return [f"results/runs/{r}/summary.parquet" for r in ids]
 
 
-SCENARIOS = {"finetune": (_finetune, ("one", "packed", "fused")), "icl": (_icl, ("one", "packed", "fused")),
-             "continual": (_continual, ("one", "packed"))}
+def _cpu_plasticity(cfg: dict, mode: str) -> dict:
+    grid = cfg["finetune"]["grids"]["components"]
+    grid.update(datasets=["sketch"], pack=21 if mode != "one" else 1)
+    return cfg
+
+
+def _cpu_continual(cfg: dict, mode: str) -> dict:
+    cfg["continual"]["grids"] = {"mlp": {**cfg["continual"]["grids"]["mlp"], "benchmarks": ["rl_gauss"]}}
+    cfg["continual"]["pack"] = 17 if mode != "one" else 1
+    return cfg
+
+
+def _cpu_targets(name: str, cfg: dict) -> list[str]:
+    return _targets("finetune" if name == "plasticity" else name, cfg)
+
+
+# preset -> (config file, data and backbones to prepare untimed, {scenario: (edit, modes, targets)})
+PRESETS = {
+    "default": ("config.yaml", ["results/runs/pretrain/base/model.safetensors", "results/data/noisy.safetensors",
+                                "results/data/sketch.safetensors"],
+                {"finetune": (_finetune, ("one", "packed", "fused"), _targets),
+                 "icl": (_icl, ("one", "packed", "fused"), _targets),
+                 "continual": (_continual, ("one", "packed"), _targets)}),
+    "cpu": ("configs/cpu.yaml", ["results/runs/pretrain/base/model.safetensors", "results/data/sketch.safetensors"],
+            {"plasticity": (_cpu_plasticity, ("one", "packed"), _cpu_targets),
+             "continual": (_cpu_continual, ("one", "packed"), _cpu_targets)}),
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenarios", default="finetune,icl,continual")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    ap.add_argument("--scenarios", help="comma-separated (default: every scenario of the preset)")
     ap.add_argument("--default", action="store_true", help="also time the whole default pipeline, packed and not")
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args()
-    base = unpacked(yaml.safe_load((REPO / "config.yaml").read_text()))
+    config_file, prepare, scenarios = PRESETS[args.preset]
+    base = unpacked(yaml.safe_load((REPO / config_file).read_text()))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prep = copy_workflow(tmp / "prep")  # the data and the backbone every scenario reads, made once
-        snakemake(prep, base, ["results/runs/pretrain/base/model.safetensors", "results/data/noisy.safetensors",
-                               "results/data/sketch.safetensors"], args.cores)
+        snakemake(prep, base, prepare, args.cores)
         print(f"{'scenario':10s} {'mode':7s} {'runs':>5s} {'wall s':>8s} {'runs/min':>9s} {'speed-up':>9s}")
-        for name in args.scenarios.split(","):
-            edit, modes = SCENARIOS[name]
+        for name in (args.scenarios or ",".join(scenarios)).split(","):
+            edit, modes, target_files = scenarios[name]
             first = None
             for mode in modes:
                 cfg = edit(copy.deepcopy(base), mode)
                 wd = copy_workflow(tmp / f"{name}_{mode}")
                 shutil.copytree(prep / "results", wd / "results")
                 shutil.copytree(prep / ".snakemake", wd / ".snakemake", ignore=shutil.ignore_patterns("locks"))
-                targets = _targets(name, cfg)
+                targets = target_files(name, cfg)
                 wall = snakemake(wd, cfg, targets, args.cores)
                 rate = len(targets) / wall * 60
                 first = first or rate
                 print(f"{name:10s} {mode:7s} {len(targets):5d} {wall:8.1f} {rate:9.1f} {rate / first:8.2f}x",
                       flush=True)
         if args.default:
-            packed = yaml.safe_load((REPO / "config.yaml").read_text())
-            for label, cfg in (("packed (config.yaml)", packed), ("one run per job", base)):
+            packed = yaml.safe_load((REPO / config_file).read_text())
+            for label, cfg in ((f"packed ({config_file})", packed), ("one run per job", base)):
                 wd = copy_workflow(tmp / f"default_{label.split()[0]}")
                 wall = snakemake(wd, cfg, [], args.cores)
                 print(f"default pipeline, clean results/, {label:22s}: {wall:7.1f} s ({wall / 60:.1f} min)",
