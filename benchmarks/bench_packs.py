@@ -15,16 +15,16 @@ and the speed-up over one run per process, all measured in this one invocation.
 
 Packs are sized so that there are at least as many packs as cores: a pack is one process on one core.
 
-``--preset cpu`` runs slices of ``configs/cpu.yaml`` at that preset's sizes and pack sizes, one run per process vs
-packed (the same-time ratio for the preset's arms, which take too long to time twice in full):
+``--preset cpu`` runs slices of ``configs/cpu.yaml`` at that preset's run sizes, one run per process vs packed
+(the same-time ratio for the preset's arms, which take too long to time twice in full):
 
 - plasticity: the Study 1 component grid on one setting (sketch: 7 sets × 4 lrs × 3 seeds = 84 runs), packs of 21
   (the preset's 28 give 12 packs over its 4 settings; 21 gives this slice 4 packs, an even load on 2 cores);
 - continual: the MLP method grid on one benchmark (rl_gauss: 11 methods × 3 seeds = 33 runs), packs of 17 (2 packs;
   the preset's 11 gives 3 over one benchmark, which leaves a core idle for the last).
 
-``--default`` also times the whole default pipeline from a clean ``results/``: as configured (packed) and with every
-pack set to 1 (one run per job, the pipeline before packs).
+``--default`` also times the preset's whole pipeline (``config.yaml``: the default pipeline) from a clean
+``results/``: as configured (packed) and with every pack set to 1 (one run per job, the pipeline before packs).
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="default")
     ap.add_argument("--scenarios", help="comma-separated (default: every scenario of the preset)")
-    ap.add_argument("--default", action="store_true", help="also time the whole default pipeline, packed and not")
+    ap.add_argument("--default", action="store_true", help="also time the preset's whole pipeline, packed and not")
     ap.add_argument("--cores", type=int, default=2)
     args = ap.parse_args()
     config_file, prepare, scenarios = PRESETS[args.preset]
