@@ -10,6 +10,7 @@ import math
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,7 +20,9 @@ import torch
 from adaptlab.data.store import load_dataset
 from adaptlab.records import TIMING_COLUMNS
 from adaptlab.runner import build_finetune, run_finetune, run_finetune_fused
-from adaptlab.train.fused import FusedRuns
+from adaptlab.config import train_config
+from adaptlab.train.fused import FusedRuns, StackedOptimizer, _isometry
+from adaptlab.train.optim import build_optimizer
 from adaptlab.train.loop import fit
 from conftest import TINY_MODEL, make_run
 
@@ -58,7 +61,8 @@ def _assert_same_run(a: dict, b: dict, dir_a: Path, dir_b: Path) -> None:
 
 # Adam at the SGD lrs is chaotic on this tiny model (rounding differences grow to 4e-3 in 12 steps): a tenth
 @pytest.mark.parametrize("optimizer,train", [("sgd", {}), ("adamw", {"weight_decay": 0.05}),
-                                             ("adam", {"weight_decay": 0.01, "lr_scale": 0.1})])
+                                             ("adam", {"weight_decay": 0.01, "lr_scale": 0.1}),
+                                             ("adamo", {"isometry_lambda": 0.1, "lr_scale": 0.1})])
 def test_fused_equals_one_by_one(tiny_data, tiny_pretrained, tmp_path, optimizer, train):
     runs = _runs(optimizer, **train)
     alone = [run_finetune(r, TINY_MODEL, tiny_pretrained, tiny_data, tmp_path / f"a{i}", device="cpu")
@@ -69,6 +73,58 @@ def test_fused_equals_one_by_one(tiny_data, tiny_pretrained, tmp_path, optimizer
         assert a["status"] == "ok"
         _assert_same_run(a, f, tmp_path / f"a{i}", tmp_path / f"f{i}")
         assert a["trainable_params"] == f["trainable_params"]  # each run's own trainable set is counted
+
+
+def test_stacked_adamo_steps_each_run_as_adamo_alone():
+    # three runs' slices of tall, split (qkv) and wide matrices, a bias and an excluded head; run 2 has fc1 frozen
+    torch.manual_seed(0)
+    shapes = {k: tuple(p.shape) for k, p in _blocks_and_head().named_parameters()}
+    lrs, n = [0.01, 0.03, 0.02], 3
+    init = {k: torch.randn(n, *s) * 0.4 for k, s in shapes.items()}
+    masks = {k: torch.tensor([True, True, k != "blocks.0.mlp.fc1.weight"]) for k in shapes}
+    grads = [{k: torch.randn(n, *s) for k, s in shapes.items()} for _ in range(6)]
+
+    def stacked(lam: float) -> dict[str, torch.Tensor]:
+        cfg = train_config({"optimizer": "adamo", "isometry_lambda": lam, "weight_decay": 0.1})  # AdamO ignores wd
+        params = {k: v.clone() for k, v in init.items()}
+        opt = StackedOptimizer(params, masks, torch.tensor(lrs), cfg, _isometry([_blocks_and_head()], cfg))
+        for g in grads:
+            for k, p in params.items():
+                p.grad = g[k].clone()
+            opt.step(torch.ones(n, dtype=torch.bool))
+        return params
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stable step: no instability warning
+        fused, plain_adam = stacked(0.5), stacked(0.0)
+    with pytest.warns(RuntimeWarning, match="isometry step is unstable"):  # the slice that needs it warns
+        stacked(50.0)
+    cfg = train_config({"optimizer": "adamo", "isometry_lambda": 0.5, "weight_decay": 0.1})
+    for r in range(n):
+        named = [(k, torch.nn.Parameter(init[k][r].clone())) for k in shapes if masks[k][r]]
+        alone = build_optimizer(named, {**cfg, "lr": lrs[r]})
+        for g in grads:
+            for k, p in named:
+                p.grad = g[k][r].clone()
+            alone.step()
+        for k, p in named:
+            assert torch.allclose(fused[k][r], p.detach(), atol=1e-6, rtol=1e-5), (r, k)
+        if r == 2:
+            assert torch.equal(fused["blocks.0.mlp.fc1.weight"][2], init["blocks.0.mlp.fc1.weight"][2])
+    # the isometry step is what moved them: the regularised matrices, not the bias or the excluded head
+    for k in shapes:
+        moved = (fused[k] - plain_adam[k]).abs().max().item()
+        assert (moved > 1e-3) if k.endswith("weight") and not k.startswith("head") else moved == 0, k
+
+
+def _blocks_and_head() -> torch.nn.Module:
+    """timm-style names: blocks.0.attn.qkv (split 3), blocks.0.mlp.fc1 (tall), fc2 (wide, + bias), head (excluded)."""
+    blk, m = torch.nn.Module(), torch.nn.Module()
+    blk.attn, blk.mlp = torch.nn.Module(), torch.nn.Module()
+    blk.attn.qkv = torch.nn.Linear(4, 12, bias=False)
+    blk.mlp.fc1, blk.mlp.fc2 = torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(8, 4)
+    m.blocks, m.head = torch.nn.ModuleList([blk]), torch.nn.Linear(4, 3, bias=False)
+    return m
 
 
 def test_fused_frozen_weights_stay_bit_identical(tiny_data, tiny_pretrained):

@@ -291,8 +291,8 @@ def run_finetune(run: dict, model_cfg: dict, pretrained_path: str | Path, data_p
 
 
 def finetune_fuse_key(run: dict, pretrained_path, data_path) -> str | None:
-    """Runs with equal keys train fused: same backbone weights, data, model and training values but lr (AdamO and
-    other optimizers without a stacked form train alone: None)."""
+    """Runs with equal keys train fused: same backbone weights, data, model and training values but lr
+    (optimizers without a stacked form, ``fused.FUSED_OPTIMIZERS``, train alone: None)."""
     if run["train"]["optimizer"] not in FUSED_OPTIMIZERS:
         return None
     return stable_json([str(pretrained_path), str(data_path), run["model"], {**run["train"], "lr": None}])

@@ -53,26 +53,46 @@ def _as_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)
 
 
-def isometry_grad(w: torch.Tensor, scale: float = 1.0, split: int = 1) -> torch.Tensor:
-    """∇R(W) in at least float32, same shape as ``w``; ``split`` > 1 treats ``w`` as that many stacked row blocks."""
+def isometry_grad(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_dims: int = 0) -> torch.Tensor:
+    """∇R(W) in at least float32, same shape as ``w``; ``split`` > 1 treats ``w`` as that many stacked row blocks.
+    ``batch_dims``: leading dimensions that index independent weights (fused runs: the run dimension)."""
     out_shape = w.shape
-    w32 = _as_matrix(w.detach())
+    w32 = w.detach().reshape(*w.shape[:batch_dims + 1], -1)  # (…, C_out, −1), as _as_matrix
     if w32.dtype in (torch.float16, torch.bfloat16):  # the Gram in at least float32
         w32 = w32.float()
-    blocks = w32.chunk(split, dim=0) if split > 1 else (w32,)
+    blocks = w32.chunk(split, dim=batch_dims) if split > 1 else (w32,)
     grads = []
     for m in blocks:
-        rows, cols = m.shape
+        rows, cols = m.shape[-2:]
         if rows >= cols:  # tall or square: Gram WᵀW (cols × cols)
-            gram = m.T @ m
-            gram.diagonal().sub_(scale)
+            gram = m.mT @ m
+            gram.diagonal(dim1=-2, dim2=-1).sub_(scale)
             grads.append(4.0 * (m @ gram))
         else:  # wide: Gram WWᵀ (rows × rows)
-            gram = m @ m.T
-            gram.diagonal().sub_(scale)
+            gram = m @ m.mT
+            gram.diagonal(dim1=-2, dim2=-1).sub_(scale)
             grads.append(4.0 * (gram @ m))
-    g = torch.cat(grads, dim=0) if split > 1 else grads[0]
+    g = torch.cat(grads, dim=batch_dims) if split > 1 else grads[0]
     return g.reshape(out_shape)
+
+
+def sigma_max_sq_bound(w: torch.Tensor, batch_dims: int = 0) -> float:
+    """A cheap lower bound of σ_max² of W (the largest over the batch): the largest squared column norm of a tall W
+    (the diagonal of WᵀW), row norm of a wide W. No SVD."""
+    m = w.detach().reshape(*w.shape[:batch_dims + 1], -1).float()
+    dim = -2 if m.shape[-2] >= m.shape[-1] else -1
+    return m.pow(2).sum(dim=dim).max().item()
+
+
+def warn_unstable(coeff: float, sigma2: float, scale: float) -> bool:
+    """Warn (and return True) when the iso step is certainly unstable: 4·coeff·(3σ_max² − s) ≥ 1."""
+    if 4 * coeff * (3 * sigma2 - scale) < 1:
+        return False
+    import warnings
+
+    warnings.warn(f"AdamO: η_iso·λ = {coeff:g} is too large for a matrix with σ_max² ≥ {sigma2:.3g}: the "
+                  f"isometry step is unstable (needs 4·η_iso·λ·(3σ_max² − s) < 1)", RuntimeWarning, stacklevel=4)
+    return True
 
 
 def isometry_penalty(w: torch.Tensor, scale: float = 1.0, split: int = 1) -> torch.Tensor:
@@ -222,16 +242,6 @@ class AdamO(torch.optim.Optimizer):
         return loss
 
     def _check_stability(self, p: torch.Tensor, coeff: float, scale: float) -> None:
-        """Warn once when the iso step is certainly unstable: 4·coeff·(3σ_max² − s) ≥ 1, with σ_max² bounded
-        below by the largest squared row/column norm of W (a cheap bound, no SVD)."""
-        if getattr(self, "_warned", False):
-            return
-        m = _as_matrix(p.detach()).float()
-        dim = 0 if m.shape[0] >= m.shape[1] else 1  # column norms for tall W (diag of WᵀW), row norms for wide
-        sigma2 = m.pow(2).sum(dim=dim).max().item()
-        if 4 * coeff * (3 * sigma2 - scale) >= 1:
-            import warnings
-
-            warnings.warn(f"AdamO: η_iso·λ = {coeff:g} is too large for a matrix with σ_max² ≥ {sigma2:.3g}: the "
-                          f"isometry step is unstable (needs 4·η_iso·λ·(3σ_max² − s) < 1)", RuntimeWarning, stacklevel=3)
-            self._warned = True
+        """Warn once when the iso step is certainly unstable (``warn_unstable``)."""
+        if not getattr(self, "_warned", False):
+            self._warned = warn_unstable(coeff, sigma_max_sq_bound(p), scale)

@@ -8,9 +8,10 @@ data order (its seed), its optimizer moments, its gradient clipping (the norm ov
 divergence (it stops updating; the others go on), its best-val weights and its checkpoint file in its own run
 directory. Evaluation runs each run's own model, with the run's current weights copied in.
 
-The optimizers are the stacked forms of torch's SGD (momentum, dampening 0) and Adam/AdamW, with the per-run lr as
-a tensor; they follow torch's update formulas, so a fused run matches its one-by-one twin within float tolerance
-(tests/test_fused.py). AdamO, and any optimizer not registered here, trains unfused.
+The optimizers are the stacked forms of torch's SGD (momentum, dampening 0) and Adam/AdamW, and of
+``adaptlab.train.adamo.AdamO`` (Adam + the decoupled isometry step, one batched Gram per regularised matrix), with
+the per-run lr as a tensor; they follow the one-run update formulas, so a fused run matches its one-by-one twin
+within float tolerance (tests/test_fused.py). Any other optimizer trains unfused.
 
 Written by hand: the stacked optimizers and the masks. torch.optim has no per-slice lr or mask, and neither
 torch.func nor a well-kept library trains a batch of models with per-model optimizer state (HFTA, Wang et al.
@@ -27,7 +28,7 @@ from torch.func import functional_call, vmap
 from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
 from adaptlab.train.device import autocast
 
-FUSED_OPTIMIZERS = ("sgd", "adam", "adamw")
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "adamo")
 
 
 def _stack(batches):
@@ -59,11 +60,14 @@ class StackedOptimizer:
     """SGD-momentum or Adam/AdamW over stacked tensors: per-run lr (``lr``: a tensor of shape [R]), and updates
     masked per run and tensor (trainable in that run and the run still active)."""
 
-    def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lrs: torch.Tensor, cfg: dict):
+    def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lrs: torch.Tensor, cfg: dict,
+                 isometry: dict[str, int] | None = None):
         self.params, self.masks, self.cfg, self.lr = params, masks, cfg, lrs.clone()
         self.kind = cfg["optimizer"]
+        self.isometry = isometry or {}  # AdamO: {name: row-block split} of the regularised matrices
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.t = 0
+        self._warned = False
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
@@ -72,7 +76,8 @@ class StackedOptimizer:
             if p.grad is None:
                 continue
             keep = per_run(self.masks[name] & active, p)
-            lr, g, wd = per_run(self.lr, p), p.grad, cfg["weight_decay"]
+            lr, g = per_run(self.lr, p), p.grad
+            wd = 0.0 if self.kind == "adamo" else cfg["weight_decay"]  # AdamO's only decay is the isometry step
             st = self.state.setdefault(name, {})
             if self.kind == "sgd":
                 if wd:
@@ -85,6 +90,8 @@ class StackedOptimizer:
                 new = p - lr * g
             else:
                 b1, b2 = cfg["betas"]
+                # AdamO: ∇R at θ_t, before the Adam update, never in the moments (adamo.AdamO.step)
+                iso = self._isometry_step(name, p, lr) if name in self.isometry else None
                 new = p
                 if wd and self.kind == "adamw":
                     new = p * (1 - lr * wd)
@@ -97,7 +104,21 @@ class StackedOptimizer:
                 bc1, bc2 = 1 - b1 ** self.t, (1 - b2 ** self.t) ** 0.5
                 denom = st["exp_avg_sq"].sqrt() / bc2 + cfg["eps"]
                 new = new - (lr / bc1) * st["exp_avg"] / denom
+                if iso is not None:
+                    new = new - iso
             p.copy_(torch.where(keep, new, p))
+
+    def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
+        """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr)."""
+        from adaptlab.train.adamo import isometry_grad, sigma_max_sq_bound, warn_unstable
+
+        lam, scale = self.cfg["isometry_lambda"], self.cfg["isometry_scale"]
+        if not lam:
+            return None
+        coeff = self.cfg["isometry_lr_scale"] * lam * lr
+        if not self._warned:
+            self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(p, batch_dims=1), scale)
+        return coeff * isometry_grad(p, scale, self.isometry[name], batch_dims=1).to(p.dtype)
 
     def state_of(self, r: int) -> dict[str, torch.Tensor]:
         return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
@@ -110,6 +131,21 @@ class StackedOptimizer:
                 st[slot] = torch.zeros_like(self.params[name])
             st[slot][r].copy_(val)
         self.t = t
+
+
+def _isometry(models: list[torch.nn.Module], cfg: dict) -> dict[str, int]:
+    """AdamO: {name: split} of the matrices its isometry step regularises in any run, each run's trainable tensors
+    selected (and checked) exactly as ``optim.build_optimizer`` selects them for the run alone."""
+    if cfg["optimizer"] != "adamo":
+        return {}
+    from adaptlab.train.adamo import _check_lambda, select_isometry
+
+    _check_lambda(cfg["isometry_lambda"], "fused AdamO")
+    chosen: dict[str, int] = {}
+    for m in models:
+        trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        chosen.update(select_isometry(trainable, cfg["isometry_patterns"], cfg["isometry_exclude"]))
+    return chosen
 
 
 class FusedRuns:
@@ -142,7 +178,7 @@ class FusedRuns:
             if hasattr(mod, "fused_attn"):
                 mod.fused_attn = False
         self.base_lrs = torch.tensor(lrs, dtype=torch.float64, device=device)
-        self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg)
+        self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg, _isometry(models, cfg))
         loss = type(tasks[0]).loss
         self._losses = vmap(lambda p, b, batch: loss(tasks[0], _Bound(self.base, p, b), batch))
 
