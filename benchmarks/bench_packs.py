@@ -11,12 +11,13 @@ and the speed-up over one run per process, all measured in this one invocation.
 
 - finetune: the Study 1 component grid (2 datasets × 7 trainable sets × 2 lrs = 28 runs), packs of 14;
 - icl: the unimodal sweep with 2 seeds (2 schemes × 2 K × 2 seeds = 8 runs), packs of 4 (one per scheme, fused);
-- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), packs of 14 (continual runs do not fuse).
+- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), packs of 14 (fused: the seeds of one
+  method in a pack step together; L2-init trains alone).
 
 Packs are sized so that there are at least as many packs as cores: a pack is one process on one core.
 
 ``--preset cpu`` runs slices of ``configs/cpu.yaml`` at that preset's run sizes, one run per process vs packed
-(the same-time ratio for the preset's arms, which take too long to time twice in full):
+(the same-time ratio for the preset's arms, which take too long to time twice in full), and continual fused:
 
 - plasticity: the Study 1 component grid on one setting (sketch: 7 sets × 4 lrs × 3 seeds = 84 runs), packs of 21
   (the preset's 28 give 12 packs over its 4 settings; 21 gives this slice 4 packs, an even load on 2 cores);
@@ -89,7 +90,7 @@ def _icl(cfg: dict, mode: str) -> dict:
 def _continual(cfg: dict, mode: str) -> dict:
     for grid in cfg["continual"]["grids"].values():
         grid["seeds"] = [0, 1, 2]
-    cfg["continual"]["pack"] = 14 if mode != "one" else 1
+    cfg["continual"].update(pack=14 if mode != "one" else 1, fuse=mode == "fused")
     return cfg
 
 
@@ -115,7 +116,7 @@ def _cpu_plasticity(cfg: dict, mode: str) -> dict:
 
 def _cpu_continual(cfg: dict, mode: str) -> dict:
     cfg["continual"]["grids"] = {"mlp": {**cfg["continual"]["grids"]["mlp"], "benchmarks": ["rl_gauss"]}}
-    cfg["continual"]["pack"] = 17 if mode != "one" else 1
+    cfg["continual"].update(pack=17 if mode != "one" else 1, fuse=mode == "fused")
     return cfg
 
 
@@ -129,10 +130,10 @@ PRESETS = {
                                 "results/data/sketch.safetensors"],
                 {"finetune": (_finetune, ("one", "packed", "fused"), _targets),
                  "icl": (_icl, ("one", "packed", "fused"), _targets),
-                 "continual": (_continual, ("one", "packed"), _targets)}),
+                 "continual": (_continual, ("one", "packed", "fused"), _targets)}),
     "cpu": ("configs/cpu.yaml", ["results/runs/pretrain/base/model.safetensors", "results/data/sketch.safetensors"],
             {"plasticity": (_cpu_plasticity, ("one", "packed"), _cpu_targets),
-             "continual": (_cpu_continual, ("one", "packed"), _cpu_targets)}),
+             "continual": (_cpu_continual, ("one", "packed", "fused"), _cpu_targets)}),
 }
 
 

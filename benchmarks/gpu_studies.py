@@ -8,7 +8,8 @@ tiny. The wiring (which file each run reads) mirrors the rules in ``rules/<study
 
 A study passes when every run it makes ends with status ``ok`` on the requested device. ``run_continual`` pins its
 runs to the CPU (its models are a few thousand parameters: faster on the CPU than a GPU launch per op) and takes
-no ``device``; while that holds, continual is checked on the CPU and reported as such.
+no ``device``; while that holds, continual is checked on the CPU and reported as such. Its fused groups
+(``run_continual_fused``: the seeds of one method as one batched model) are checked on the device.
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def mini_config(device: str) -> dict:
                                "arms": ["pretrained"], "train": {"steps": 2, "eval_every": 2}}},
         "continual": {"benchmarks": {"rl": {"inputs": "gaussian", "labels": "random", "n": 64, "dim": 8}},
                       "models": {"mlp": {"kind": "mlp", "width": 16, "depth": 2}},
-                      "methods": {"adamo": {"optimizer": "adamo", "isometry_lambda": 0.1}},
-                      "grids": {"t": {"benchmarks": ["rl"], "models": ["mlp"], "methods": ["adamo"], "seeds": [0],
+                      "methods": {"adamo": {"optimizer": "adamo", "isometry_lambda": 0.1},
+                                  "redo": {"optimizer": "adam", "redo_tau": 0.1}},
+                      "grids": {"t": {"benchmarks": ["rl"], "models": ["mlp"], "methods": ["adamo", "redo"], "seeds": [0, 1],
                                       "tasks": 2, "steps": 4, "summary_tasks": 1, "probe": 32, "ntk_every": 0,
                                       "ntk_probe": 4}}},
     }
@@ -157,11 +159,26 @@ def _icl(p: Pipeline) -> list[dict]:
 
 
 def _continual(p: Pipeline) -> list[dict]:
+    """The runs one by one (on the CPU while run_continual pins them there), then the seeds of each method as one
+    fused group on the device itself (fusion's case is the GPU); a fused run not ``ok`` on the device raises."""
     from adaptlab.continual import specs
-    from adaptlab.continual.run import run_continual
+    from adaptlab.continual.run import fuse_key, run_continual, run_continual_fused
 
     kw = {} if _continual_on_cpu() else {"device": p.device}
-    return [run_continual(spec, p.run_dir(rid), on_error="raise", **kw) for rid, spec in specs(p.cfg).items()]
+    all_specs = specs(p.cfg)
+    rows = [run_continual(spec, p.run_dir(rid), on_error="raise", **kw) for rid, spec in all_specs.items()]
+    groups: dict[str, list[str]] = {}
+    for rid, spec in all_specs.items():
+        if fuse_key(spec) is not None:
+            groups.setdefault(fuse_key(spec), []).append(rid)
+    for rids in (g for g in groups.values() if len(g) > 1):
+        fused = run_continual_fused([all_specs[r] for r in rids], [p.run_dir(f"fused/{r}") for r in rids],
+                                    on_error="raise", device=p.device)
+        bad = [f"{r['run_id']} fused: status {r['status']} on {r['device']}" for r in fused
+               if r["status"] != "ok" or not str(r["device"]).startswith(p.device)]
+        if bad:
+            raise RuntimeError("; ".join(bad))
+    return rows
 
 
 def _continual_on_cpu() -> bool:

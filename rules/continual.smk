@@ -37,6 +37,7 @@ rule continual_runs:
         [summary_file(r) for r in STUDY_SPECS["continual"]],
 
 
-# `continual.pack: N`: up to N runs of one grid and benchmark in one job (rules/packs.smk)
+# `continual.pack: N`: up to N runs of one grid and benchmark in one job (rules/packs.smk); with `continual.fuse:
+# true` the seeds of one method in a pack train as one batched model
 packable(rules.continual_run, {r: summary_file(r) for r in STUDY_SPECS["continual"]}, by=("cgrid", "cbench"),
-         size=lambda wc: CFG["continual"]["pack"])
+         size=lambda wc: CFG["continual"]["pack"], fuse=lambda wc: CFG["continual"]["fuse"])

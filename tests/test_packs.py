@@ -78,6 +78,8 @@ def _packed(cfg: dict) -> None:
     cfg["icl"]["unimodal"]["seeds"] = [0, 1]  # two unimodal runs of one shape: a fused ICL pack
     for section in ("continual", "precond", "peft", "plasticity"):
         cfg[section]["pack"] = 4
+    cfg["continual"]["fuse"] = True
+    cfg["continual"]["grids"]["t"]["seeds"] = [0, 1]  # two seeds of each method: fused sequences
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,7 @@ def test_packed_preset_runs_fewer_jobs(packed):
             "icl_uni_pack_all_0", "continual_run_pack_t_rl_0"} <= set(jobs)
     assert "train fused" in (packed / "results/runs/main/noisy/full/sgd/lr0.01/seed0/job.log").read_text()
     assert "train fused" in (packed / "results/runs/icl/uni/ape/K32/seed1/job.log").read_text()
+    assert "train fused" in (packed / "results/runs/continual/t/rl/mlp/adamo/seed1/job.log").read_text()
 
 
 def _metrics(row: dict) -> dict:
@@ -120,7 +123,7 @@ def test_packed_records_equal_one_run_per_job(packed, pipeline_workdir):
         a = _metrics(read_summary(pipeline_workdir / "results/runs" / rid / "summary.parquet"))
         b = _metrics(read_summary(packed / "results/runs" / rid / "summary.parquet"))
         assert a.keys() == b.keys(), rid
-        fused = rid.parts[0] in FUSED_GRIDS or rid.parts[0] == "icl"  # icl/mm start from fused stage-1 weights
+        fused = rid.parts[0] in FUSED_GRIDS or rid.parts[0] in ("icl", "continual")  # icl/mm: fused stage-1 weights
         if not fused:
             assert a == b, rid
             continue

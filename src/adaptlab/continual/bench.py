@@ -134,12 +134,28 @@ class ContinualTask:
         idx = torch.randint(len(self.y), (batch_size,), generator=g)
         return self.x[idx], self.y[idx]
 
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+    def loss_and_aux(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, the batch accuracy): no host sync, so that fused runs can vmap it (``train.fused.FusedRuns``)."""
         x, y = batch
         logits = model(x)
-        self.online.append((logits.argmax(-1) == y).float().mean().item())
+        acc = (logits.argmax(-1) == y).float().mean()
         loss = F.cross_entropy(logits, y)
-        return loss + self.regulariser(model) if self.regulariser is not None else loss
+        return (loss + self.regulariser(model) if self.regulariser is not None else loss), acc
+
+    def take_aux(self, acc: float) -> None:
+        self.online.append(acc)
+
+    def checkpoint_state(self) -> dict:
+        """The online accuracies so far: a run resumed inside the task averages all its steps, not the last ones."""
+        return {"online": self.online}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        self.online = list(state["online"])
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        loss, acc = self.loss_and_aux(model, batch)
+        self.take_aux(acc.item())
+        return loss
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, split: str, autocast=None) -> dict[str, float]:
@@ -270,6 +286,7 @@ def redo_reset(model: nn.Module, fresh: nn.Module, opt: torch.optim.Optimizer, d
         mask = dormant.get(name)
         if mask is None or not mask.any():
             continue
+        mask = mask.to(inc.weight.device)  # masks restored from a checkpoint are on the CPU
         n += int(mask.sum())
         f_inc = fresh_units[name][0]
         inc.weight[mask] = f_inc.weight[mask]

@@ -20,7 +20,9 @@ MLSys 2021, rewrites layers instead).
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.func import functional_call, vmap
@@ -49,6 +51,10 @@ class _Bound:
 
     def __call__(self, *args, **kwargs):
         return functional_call(self.base, (self.params, self.buffers), args, kwargs)
+
+    def named_parameters(self):
+        """The run's parameters by name (a loss term over the weights, e.g. continual's coupled isometry)."""
+        return iter(self.params.items())
 
 
 def per_run(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -151,15 +157,20 @@ def _isometry(models: list[torch.nn.Module], cfg: dict) -> dict[str, int]:
 class FusedRuns:
     """The runs of a fused pack as one group for ``fit``: ``models[r]`` (built, initialised and with its trainable
     set chosen exactly as the run would be on its own), ``tasks[r]`` and ``lrs[r]`` per run; ``cfg`` (all other
-    training values) is shared. After ``fit`` each ``models[r]`` holds its run's weights, as after a run alone."""
+    training values) is shared. After ``fit`` each ``models[r]`` holds its run's weights, as after a run alone.
+
+    A group can go on through several ``fit`` calls (a continual sequence: ``set_tasks`` between them; the
+    optimizer moments carry over); a run ``retire``d there takes no more steps. A task class may define
+    ``loss_and_aux(model, batch) -> (loss, aux)`` and ``take_aux(value)``: the per-run scalar ``aux`` (continual's
+    online accuracy) is computed in the batched loss and handed to each run's task after the step's forward."""
 
     fused = True
 
     def __init__(self, models: list[torch.nn.Module], tasks: list, lrs: list[float], cfg: dict, device: torch.device):
         if cfg["optimizer"] not in FUSED_OPTIMIZERS:
             raise ValueError(f"optimizer {cfg['optimizer']!r} cannot train fused (fused: {FUSED_OPTIMIZERS})")
-        self.models, self.tasks, self.device, self.n = models, tasks, device, len(models)
-        self.selection_metric = tasks[0].selection_metric
+        self.models, self.device, self.n = models, device, len(models)
+        self.retired: set[int] = set()
         for m in models:
             m.to(device).train()
         named = [dict(m.named_parameters()) for m in models]
@@ -179,8 +190,19 @@ class FusedRuns:
                 mod.fused_attn = False
         self.base_lrs = torch.tensor(lrs, dtype=torch.float64, device=device)
         self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg, _isometry(models, cfg))
-        loss = type(tasks[0]).loss
+        self.set_tasks(tasks)
+
+    def set_tasks(self, tasks: list) -> None:
+        """The runs' tasks of the next ``fit`` (one class; its loss is vmapped with ``tasks[0]`` as ``self``)."""
+        self.tasks, self.selection_metric = tasks, tasks[0].selection_metric
+        self._aux = hasattr(type(tasks[0]), "loss_and_aux")
+        loss = type(tasks[0]).loss_and_aux if self._aux else type(tasks[0]).loss
         self._losses = vmap(lambda p, b, batch: loss(tasks[0], _Bound(self.base, p, b), batch))
+
+    def retire(self, r: int) -> None:
+        """Run ``r`` takes no more steps in later ``fit`` calls (its sequence ended): its loss reads as NaN, so each
+        fit stops it at its first step, as a diverged run."""
+        self.retired.add(r)
 
     def set_lr(self, factor: float) -> list[float]:
         self.opt.lr = (self.base_lrs * factor).float()
@@ -190,7 +212,12 @@ class FusedRuns:
         batch = _stack([t.train_batch(step, batch_size) for t in self.tasks])
         with autocast(self.device):
             loss = self._losses(self.params, self.buffers, batch)
-        return loss, loss.detach().float().tolist()
+        if self._aux:
+            loss, aux = loss
+            for task, value in zip(self.tasks, aux.detach().float().tolist()):
+                task.take_aux(value)
+        values = loss.detach().float().tolist()
+        return loss, [math.nan if r in self.retired else v for r, v in enumerate(values)]
 
     def backward_clip(self, loss: torch.Tensor, values: list[float], clip: float) -> list[float]:
         ok = torch.tensor([v == v and abs(v) != float("inf") for v in values], device=self.device)
@@ -221,6 +248,25 @@ class FusedRuns:
         for name, b in self.models[r].named_buffers():
             if name in self.buffers:
                 b.copy_(self.buffers[name][r])
+
+    def task_of(self, r: int):
+        return self.tasks[r]
+
+    @torch.no_grad()
+    def push(self, r: int) -> None:
+        """Copy run ``r``'s own model into its slice (after a change made to the model, e.g. at a task boundary)."""
+        for name, p in self.models[r].named_parameters():
+            self.params[name][r].copy_(p)
+        for name, b in self.models[r].named_buffers():
+            if name in self.buffers:
+                self.buffers[name][r].copy_(b)
+
+    def optimizer_view(self, r: int):
+        """Run ``r``'s optimizer state as a torch optimizer's ``state`` (keyed by ``models[r]``'s parameters), its
+        tensors views of the stacked moments: an in-place change (ReDo's reset of a unit's moments) is the run's."""
+        params = dict(self.models[r].named_parameters())
+        state = {params[name]: {key: t[r] for key, t in st.items()} for name, st in self.opt.state.items()}
+        return SimpleNamespace(state=state)
 
     def evaluate(self, r: int, split: str) -> dict[str, float]:
         return self.tasks[r].evaluate(self.models[r], split, autocast=lambda: autocast(self.device))

@@ -4,7 +4,8 @@ nanoGPT-style: a plain loop, no framework. Per step: set the scheduled lr, draw 
 forward (bf16 autocast on CUDA), stop as ``diverged`` on a non-finite loss or gradient, clip the global
 gradient norm over the trainable parameters (the pre-clip norm is logged), step. Every ``eval_every`` steps
 the task is evaluated on val and the best-val trainable weights are kept in ``best.safetensors``; every
-``ckpt_every`` steps a resumable checkpoint is written, and at the step where a stop signal arrived
+``ckpt_every`` steps a resumable checkpoint is written (with the task's ``checkpoint_state()``, if it keeps
+per-step state of its own), and at the step where a stop signal arrived
 (``adaptlab.preemption``: SIGTERM/SIGUSR1 from SLURM), after which ``Preempted`` is raised. At the end the
 best-val weights are restored and the test split is evaluated once.
 
@@ -106,6 +107,9 @@ class OneRun:
     def sync(self, r: int) -> None:
         """The model already holds the run's weights."""
 
+    def task_of(self, r: int):
+        return self.task
+
     def evaluate(self, r: int, split: str) -> dict[str, float]:
         return self.task.evaluate(self.model, split, autocast=lambda: autocast(self.device))
 
@@ -160,8 +164,10 @@ def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_
     resumed = _resume(runs, ckpt_paths, ids)
     if resumed:
         states, logs = [s for s, _ in resumed], [lg for _, lg in resumed]
-        for s in states:
+        for r, s in enumerate(states):
             s.setdefault("status", "ok")
+            if "task_state" in s:
+                runs.task_of(r).load_checkpoint_state(s.pop("task_state"))
         resumed_from = max(s["step"] for s in states)
     active = [s["status"] == "ok" for s in states]
 
@@ -188,7 +194,9 @@ def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_
         spent, t_start = time.perf_counter() - t_start, time.perf_counter()
         for r in range(n):
             states[r]["elapsed"] += spent
-            runs.save_checkpoint(r, ckpt_paths[r], logs[r], {**states[r], "config_id": ids[r]})
+            task = runs.task_of(r)  # a task's own per-step state (continual's online accuracies) goes with it
+            extra = {"task_state": task.checkpoint_state()} if hasattr(task, "checkpoint_state") else {}
+            runs.save_checkpoint(r, ckpt_paths[r], logs[r], {**states[r], "config_id": ids[r], **extra})
 
     for step in range(start_step, cfg["steps"]):
         if not any(active):

@@ -1,0 +1,131 @@
+"""Fused continual sequences (adaptlab.continual.run.run_continual_fused): the seeds of one method go through their
+task sequences in step as one batched model. Each test compares with the same runs trained one by one
+(``run_continual``) or checks a per-run invariant: equal records within float tolerance (Adam, AdamO, coupled
+isometry, ReDo, Shrink & Perturb; MLP and ViT), divergence per run, SIGKILL/SIGTERM resume, fuse keys."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from adaptlab.config import validate_config
+from adaptlab.continual import specs as continual_specs
+from adaptlab.continual.run import fuse_key, run_continual, run_continual_fused
+from adaptlab.preemption import EXIT_PREEMPTED
+from test_continual import CONTINUAL, MINI, one_thread  # noqa: F401 - its autouse fixture applies here too
+from test_preemption import CONTINUAL_JOB, TESTS
+
+METHODS = {**CONTINUAL["methods"], "coupled": {"optimizer": "adam", "coupled_lambda": 0.05},
+           "l2": {"optimizer": "adam", "l2_init": 0.01}}
+
+
+def _specs(grid: dict) -> dict[str, list[dict]]:
+    """method -> its runs' specs (one per seed), in seed order."""
+    cfg = copy.deepcopy(MINI)
+    cfg["continual"]["methods"] = METHODS
+    cfg["continual"]["grids"] = {"g": grid}
+    out: dict[str, list[dict]] = {}
+    for spec in continual_specs(validate_config(cfg)).values():
+        out.setdefault(spec["method_name"], []).append(spec)
+    return {m: sorted(s, key=lambda x: x["seed"]) for m, s in out.items()}
+
+
+MLP_GRID = {"benchmarks": ["rl"], "models": ["mlp"], "methods": ["adam", "adamo", "coupled", "redo", "snp"],
+            "seeds": [0, 1, 2], "tasks": 3, "steps": 10, "summary_tasks": 1, "probe": 32, "ntk_every": 2, "ntk_probe": 4}
+VIT_GRID = {"benchmarks": ["pd"], "models": ["vit"], "methods": ["adamo", "redo", "snp"], "seeds": [0, 1],
+            "tasks": 2, "steps": 5, "summary_tasks": 1, "probe": 16, "ntk_every": 1, "ntk_probe": 2}
+
+
+def _table(out: Path, name: str) -> list[dict]:
+    return pq.read_table(out / f"{name}.parquet").to_pylist()
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=2e-3, abs=2e-4)
+    return a == b
+
+
+def _assert_same_records(dir_a: Path, dir_b: Path) -> None:
+    (sa,), (sb,) = _table(dir_a, "summary"), _table(dir_b, "summary")
+    for key in ("status", "n_tasks", "steps_done", "acc_first", "acc_last", "dead_frac_end", "final_loss"):
+        assert _close(sa[key], sb[key]), (key, sa[key], sb[key])
+    for name in ("steps", "continual_task_metrics"):
+        ta, tb = _table(dir_a, name), _table(dir_b, name)
+        assert len(ta) == len(tb), name
+        for ra, rb in zip(ta, tb):
+            bad = {k: (ra[k], rb[k]) for k in ra if not _close(ra[k], rb[k])}
+            # the eNTK condition number amplifies rounding: compared loosely
+            if name == "continual_task_metrics" and ra["metric"] == "ntk_cond":
+                assert ra["value"] == pytest.approx(rb["value"], rel=0.05)
+                continue
+            assert not bad, (name, ra.get("metric"), ra.get("step"), bad)
+
+
+@pytest.mark.parametrize("grid", [MLP_GRID, VIT_GRID], ids=["mlp", "vit"])
+def test_fused_sequences_equal_one_by_one(tmp_path, grid):
+    for method, specs in _specs(grid).items():
+        alone = [tmp_path / "a" / s["run_id"] for s in specs]
+        fused = [tmp_path / "f" / s["run_id"] for s in specs]
+        for s, out in zip(specs, alone):
+            assert run_continual(s, out, on_error="raise")["status"] == "ok"
+        rows = run_continual_fused(specs, fused, on_error="raise", device="cpu")
+        assert [r["run_id"] for r in rows] == [s["run_id"] for s in specs]
+        for a, f in zip(alone, fused):
+            _assert_same_records(a, f)
+            assert not (f / "ckpt.safetensors").exists() and not (f / "fit" / "ckpt.safetensors").exists()
+
+
+def test_fuse_keys_group_the_seeds_of_one_method():
+    specs = _specs({**MLP_GRID, "methods": ["adam", "adamo", "redo", "l2"]})
+    keys = {m: {fuse_key(s) for s in ss} for m, ss in specs.items()}
+    assert all(len(k) == 1 for k in keys.values())  # seeds share their method's key
+    assert keys["l2"] == {None}  # L2-init's loss term holds the run's own initial weights: trains alone
+    assert len({next(iter(k)) for m, k in keys.items() if m != "l2"}) == 3
+
+
+def test_a_diverging_run_is_retired_and_the_others_go_on(tmp_path):
+    specs = _specs({**MLP_GRID, "methods": ["adam"]})["adam"]
+    specs[1] = copy.deepcopy(specs[1])
+    specs[1]["method"]["lr"] = 1e12  # this seed alone: its first steps overflow
+    outs = [tmp_path / "f" / str(i) for i in range(3)]
+    rows = run_continual_fused(specs, outs, on_error="raise", device="cpu")
+    assert [r["status"] for r in rows] == ["ok", "diverged", "ok"]
+    assert rows[1]["n_tasks"] == 0 and rows[0]["n_tasks"] == rows[2]["n_tasks"] == 3
+    for i in (0, 2):  # untouched by their diverged neighbour
+        run_continual(specs[i], tmp_path / "a" / str(i), on_error="raise")
+        _assert_same_records(tmp_path / "a" / str(i), outs[i])
+
+
+
+@pytest.mark.parametrize("sig,stop_at,code", [("SIGTERM", 14, EXIT_PREEMPTED), ("SIGKILL", 23, -signal.SIGKILL)])
+def test_a_stopped_fused_group_resumes_to_the_records_of_an_uninterrupted_one(tmp_path, sig, stop_at, code):
+    specs = _specs({**MLP_GRID, "methods": ["redo"]})["redo"]
+    outs = [str(tmp_path / "stopped" / str(i)) for i in range(3)]
+    script = CONTINUAL_JOB.format(tests=TESTS, specs=json.dumps(specs), stop_at=stop_at, sig=sig,
+                                  logs=[str(Path(o) / "job.log") for o in outs],
+                                  call=f"run_continual_fused(specs, {outs!r}, on_error='raise', device='cpu')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    from adaptlab.train.checkpoint import read_checkpoint_meta
+
+    # SIGTERM in step 4 of task 1 (task 0 in the boundary checkpoints, the rest in fit's); SIGKILL after task 2's
+    # third step, with tasks 0 and 1 in the boundary checkpoints
+    for out in outs:
+        assert read_checkpoint_meta(Path(out) / "ckpt.safetensors")["next_task"] == (1 if sig == "SIGTERM" else 2)
+        assert (Path(out) / "fit" / "ckpt.safetensors").exists() == (sig == "SIGTERM")
+        assert not (Path(out) / "summary.parquet").exists()
+    run_continual_fused(specs, outs, on_error="raise", device="cpu")
+    straight = [tmp_path / "straight" / str(i) for i in range(3)]
+    run_continual_fused(specs, straight, on_error="raise", device="cpu")
+    for out, ref in zip(outs, straight):
+        for table in ("steps", "continual_task_metrics"):
+            assert _table(Path(out), table) == _table(ref, table), table
+        assert not (Path(out) / "ckpt.safetensors").exists()
