@@ -1,0 +1,82 @@
+"""Milliseconds per training step and run: one continual run alone vs its seeds fused (``train.fused.FusedRuns``).
+
+    python benchmarks/bench_fused_step.py [--steps 300] [--groups 3,6,11] [--device cpu]
+
+The models are ``configs/cpu.yaml``'s continual MLP (3 × 128, 64 inputs) and tiny ViT (width 32, 2 blocks, 16
+tokens of 2×2 pixels) on 8×8 single-channel inputs with 10 random labels, batch 64, Adam at lr 3e-3, each step
+through the loop's own group methods (set_lr, the vmapped loss with online accuracy, backward and grad norm, the
+optimizer step): what ``fit`` does per step, without evaluation or logging. Printed: ms per step for the group
+and per run, and the per-run speed-up over the run alone, all measured in this one invocation.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from adaptlab.config import train_config
+from adaptlab.continual.bench import ContinualTask, build_model
+from adaptlab.train.fused import FusedRuns
+from adaptlab.train.loop import OneRun
+
+MODELS = {"mlp": {"kind": "mlp", "width": 128, "depth": 3},
+          "vit": {"kind": "vit", "width": 32, "depth": 2, "num_heads": 2, "patch_size": 2, "mlp_ratio": 2.0}}
+
+
+def _task(seed: int, device) -> ContinualTask:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(512, 64, generator=g), torch.randint(10, (512,), generator=g)
+    return ContinualTask(x.to(device), y.to(device), None, seed, 0, image_side=8)
+
+
+def _model(kind: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(MODELS[kind], 64, 8, 10)
+
+
+def ms_per_step(group, steps: int) -> float:
+    def step(s: int) -> None:
+        group.set_lr(1.0)
+        loss, values = group.losses(s, 64)
+        group.backward_clip(loss, values, math.inf)
+        group.step([True] * group.n)
+
+    for s in range(10):  # warm-up
+        step(s)
+    if group.device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for s in range(steps):
+        step(s)
+    if group.device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--groups", default="3,6,11", help="fused group sizes (runs)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cfg = train_config({"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0, "clip_grad": None, "steps": args.steps,
+                        "batch_size": 64, "warmup_steps": 0, "min_lr_factor": 1.0})
+    print(f"{'model':5s} {'runs':>4s} {'ms/step':>8s} {'ms/step/run':>12s} {'speed-up':>9s}  ({device}, "
+          f"{args.threads} thread(s))")
+    for kind in MODELS:
+        alone = ms_per_step(OneRun(_model(kind, 0), _task(0, device), cfg, device), args.steps)
+        print(f"{kind:5s} {1:4d} {alone:8.3f} {alone:12.3f} {1.0:8.2f}x", flush=True)
+        for n in map(int, args.groups.split(",")):
+            group = FusedRuns([_model(kind, s) for s in range(n)], [_task(s, device) for s in range(n)],
+                              [3e-3] * n, cfg, device)
+            ms = ms_per_step(group, args.steps)
+            print(f"{kind:5s} {n:4d} {ms:8.3f} {ms / n:12.3f} {alone / (ms / n):8.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()
