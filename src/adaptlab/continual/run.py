@@ -14,7 +14,7 @@ the tasks in step as one ``FusedRuns`` group (one batched model, one ``fit`` per
 carried across tasks); each run keeps its own data, boundary changes (Shrink & Perturb, ReDo on its slice of the
 moments), measurements, checkpoints and records. A run whose sequence ends early (diverged) is retired from the
 group. L2-init (its loss term holds the run's own θ₀) and optimizers without a stacked form train unfused. The
-group trains on the config's ``device`` (auto: the GPU when the job has one; one tiny run alone stays on the CPU).
+group trains on the job's device (``auto``: the GPU when the job has one; one tiny run alone stays on the CPU).
 """
 from __future__ import annotations
 
