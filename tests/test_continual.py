@@ -195,22 +195,49 @@ def test_per_group_lambda_lr_and_schedule():
     torch.testing.assert_close(p.detach() - before, 0.05 * 0.01 * -isometry_grad(before))
 
 
-def test_state_dict_round_trip():
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_dict_round_trip(fused):
     grads = _grads(_mlp(), 100)
+
+    def adamo(model):
+        return AdamO(isometry_param_groups(model.named_parameters(), 0.05, exclude=["head*"]), lr=1e-2, fused=fused)
+
     a = _mlp()
-    oa = AdamO(isometry_param_groups(a.named_parameters(), 0.05, exclude=["head*"]), lr=1e-2)
+    oa = adamo(a)
     _run(a, oa, grads)
     b = _mlp()
-    ob = AdamO(isometry_param_groups(b.named_parameters(), 0.05, exclude=["head*"]), lr=1e-2)
+    ob = adamo(b)
     _run(b, ob, grads[:50])
     model_sd, opt_sd = copy.deepcopy(b.state_dict()), copy.deepcopy(ob.state_dict())
     assert opt_sd["param_groups"][0]["isometry_lambda"] == 0.05 and "isometry_lr" in opt_sd["param_groups"][0]
     c = _mlp(seed=5)
-    oc = AdamO(isometry_param_groups(c.named_parameters(), 0.05, exclude=["head*"]), lr=1e-2)
+    oc = adamo(c)
     c.load_state_dict(model_sd)
-    oc.load_state_dict(opt_sd)
+    oc.load_state_dict(copy.deepcopy(opt_sd))  # torch keeps the loop's step tensors, which the steps advance
     _run(c, oc, grads[50:])
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+    if not fused:  # a checkpoint written before AdamO had the fused key resumes on the loop, bit for bit
+        for g in opt_sd["param_groups"]:
+            del g["fused"]
+        d = _mlp(seed=6)
+        od = adamo(d)
+        d.load_state_dict(model_sd)
+        od.load_state_dict(opt_sd)
+        _run(d, od, grads[50:])
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), d.parameters()))
+
+
+def test_fused_adamo_steps_like_the_loop():
+    """AdamO(fused=True): torch's fused Adam kernel for the Adam part, the same isometry steps; equal to the loop
+    at rounding level."""
+    grads = _grads(_mlp(), 60)
+    a, b = _mlp(), _mlp()
+    _run(a, AdamO(isometry_param_groups(a.named_parameters(), 0.1), lr=1e-2), grads)
+    _run(b, AdamO(isometry_param_groups(b.named_parameters(), 0.1), lr=1e-2, fused=True), grads)
+    start = _mlp()
+    for p, q, p0 in zip(a.parameters(), b.parameters(), start.parameters()):
+        assert (p - p0).abs().max() > 1e-2
+        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_lambda_and_patterns_are_rejected():
@@ -342,6 +369,23 @@ def test_continual_config_errors_name_the_key():
     cfg["continual"]["methods"]["adamo"]["isometry_lambda"] = -0.5
     with pytest.raises(ConfigError, match="continual.methods.adamo.isometry_lambda"):
         validate_config(cfg)
+
+
+def test_grid_fused_adam_switch_reaches_the_optimizer_and_leaves_other_runs_alone():
+    from adaptlab.config import config_hash
+    from adaptlab.continual.run import fit_config
+
+    base = continual_specs(validate_config(copy.deepcopy(MINI)))
+    cfg = copy.deepcopy(MINI)
+    cfg["continual"]["grids"]["t"]["fused_adam"] = True
+    switched = continual_specs(validate_config(cfg))
+    assert base.keys() == switched.keys()
+    for rid, spec in base.items():
+        assert "fused_adam" not in spec["grid_cfg"] and "fused_adam" not in fit_config(spec)
+        assert config_hash(switched[rid]) != config_hash(spec)  # a switched run is a new run (rounding-level change)
+        for s, fused in ((spec, False), (switched[rid], True)):
+            opt = build_optimizer(list(_mlp().named_parameters()), fit_config(s))
+            assert all(bool(g.get("fused")) == fused for g in opt.param_groups), (rid, fused)
 
 
 def test_vit_redo_and_shrink_perturb_runs(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adaptlab.config import train_config
+from adaptlab.continual.bench import MLP
 from adaptlab.data.store import load_dataset
 from adaptlab.models.vit import create_vit, load_model_weights, load_pretrained_weights
 from adaptlab.records import TIMING_COLUMNS, read_summary
@@ -66,6 +67,36 @@ def test_optimizer_only_sees_trainable_parameters():
     assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
     with pytest.raises(ValueError, match="match no parameter"):
         select_trainable(model, ["blocks.99.*"])
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "adamo"])
+def test_fused_adam_switch_matches_the_loop_at_rounding_level(optimizer):
+    """train.fused_adam: torch's fused kernel on the CPU, the same trajectory as the default per-tensor loop within
+    float rounding; left out, nothing is fused (CPU results stay bit for bit)."""
+    cfg = train_config({"optimizer": optimizer, "lr": 3e-3, "weight_decay": 0.01 if optimizer != "adamo" else 0.0,
+                        "isometry_lambda": 0.05})
+    x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 4
+    start, trajectories = None, []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = MLP(8, 32, 2, 4)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = build_optimizer(list(model.named_parameters()), {**cfg, "fused_adam": True} if fused else cfg)
+        assert all(bool(g.get("fused")) == fused for g in opt.param_groups)
+        losses = []
+        for step in range(30):
+            idx = torch.arange(step, step + 16) % 64
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        trajectories.append(({n: p.detach().clone() for n, p in model.named_parameters()}, losses))
+    (loop, loop_losses), (fused, fused_losses) = trajectories
+    assert max((p - start[n]).abs().max().item() for n, p in loop.items()) > 1e-2  # the steps moved the weights
+    torch.testing.assert_close(fused_losses, loop_losses, atol=1e-5, rtol=1e-5)
+    for name, p in loop.items():
+        torch.testing.assert_close(fused[name], p, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_lr_schedule_warmup_then_cosine():

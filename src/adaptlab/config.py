@@ -24,8 +24,9 @@ from adaptlab.studies import STUDIES, studies
 RESULTS = "results"
 
 # Defaults of the shared training loop; finetune.defaults, then a grid's `train`, override them.
-# `compile` (torch.compile, see config.schema.yaml) is a train key too but has no entry here: the loop reads
-# cfg.get("compile", False), so runs that leave it out keep exactly the params (rerun trigger) they had.
+# `compile` (torch.compile) and `fused_adam` (see config.schema.yaml) are train keys too but have no entry here:
+# the loop and the optimizers read cfg.get(...), so runs that leave them out keep exactly the params (rerun
+# trigger) they had.
 TRAIN_DEFAULTS: dict[str, Any] = {
     "steps": 200,
     "batch_size": 64,

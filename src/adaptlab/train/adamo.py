@@ -41,6 +41,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable
 
 import torch
+from torch.optim.adam import adam as adam_update  # torch's functional Adam (its fused kernel)
 
 # Default selection: every ≥2-D weight except embeddings, heads and norms (1-D tensors are never regularised).
 DEFAULT_PATTERNS: tuple[str, ...] = ("*",)
@@ -188,7 +189,7 @@ class AdamO(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, isometry_lambda: float = 1e-2,
                  isometry_scale: float = 1.0, isometry_split: int = 1, isometry_lr: float | None = None,
-                 isometry_lr_scale: float = 1.0):
+                 isometry_lr_scale: float = 1.0, fused: bool = False):
         if not lr > 0:
             raise ValueError(f"AdamO: lr must be > 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -197,7 +198,7 @@ class AdamO(torch.optim.Optimizer):
             raise ValueError(f"AdamO: isometry_scale must be > 0, got {isometry_scale}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, isometry_lambda=_check_lambda(isometry_lambda, "AdamO"),
                         isometry_scale=float(isometry_scale), isometry_split=int(isometry_split),
-                        isometry_lr=isometry_lr, isometry_lr_scale=float(isometry_lr_scale))
+                        isometry_lr=isometry_lr, isometry_lr_scale=float(isometry_lr_scale), fused=bool(fused))
         super().__init__(params, defaults)
         for i, g in enumerate(self.param_groups):  # per-group values are checked too
             _check_lambda(g["isometry_lambda"], f"AdamO param group {i}")
@@ -214,6 +215,9 @@ class AdamO(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr, lam = group["lr"], group["isometry_lambda"]
             eta_iso = group["isometry_lr"] if group["isometry_lr"] is not None else group["isometry_lr_scale"] * lr
+            if group.get("fused"):  # checkpoints from before the key have none
+                self._fused_group_step(group, eta_iso)
+                continue
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -240,6 +244,29 @@ class AdamO(torch.optim.Optimizer):
                     self._check_stability(p, eta_iso * lam, group["isometry_scale"])
                     p.add_(iso.to(p.dtype), alpha=-eta_iso * lam)
         return loss
+
+    def _fused_group_step(self, group: dict, eta_iso: float) -> None:
+        """The same step with torch's fused Adam kernel (``fused=True``): every r_t at θ_t first, then one fused
+        Adam update of the group, then the iso steps. Equal to the loop at rounding level, not bit for bit."""
+        lam = group["isometry_lambda"]
+        params = [p for p in group["params"] if p.grad is not None]
+        isos = [isometry_grad(p, group["isometry_scale"], group["isometry_split"]) if lam and p.ndim >= 2 else None
+                for p in params]
+        for p in params:
+            state = self.state[p]
+            if not state:  # the fused kernel keeps its step count on the parameter's device
+                state["step"] = torch.tensor(0.0, dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adam_update(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states], fused=True, amsgrad=False,
+                    beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=0.0, eps=group["eps"], maximize=False)
+        for p, iso in zip(params, isos):
+            if iso is not None:
+                self._check_stability(p, eta_iso * lam, group["isometry_scale"])
+                p.add_(iso.to(p.dtype), alpha=-eta_iso * lam)
 
     def _check_stability(self, p: torch.Tensor, coeff: float, scale: float) -> None:
         """Warn once when the iso step is certainly unstable (``warn_unstable``)."""
