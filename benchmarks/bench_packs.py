@@ -1,7 +1,7 @@
 """Runs per minute: one run per process vs run packs vs fused packs, through Snakemake (2 cores by default).
 
     python benchmarks/bench_packs.py [--scenarios finetune,icl,continual] [--default] [--cores 2]
-    python benchmarks/bench_packs.py --preset cpu [--scenarios plasticity,continual]
+    python benchmarks/bench_packs.py --preset cpu [--scenarios plasticity,continual,icl]
 
 Each scenario is one grid of the default config (config.yaml), run three ways in fresh copies of the workflow that
 share the prepared data and backbone (made once, copied, not timed): ``pack: 1`` (one process per run: a job per
@@ -23,6 +23,8 @@ Packs are sized so that there are at least as many packs as cores: a pack is one
   (the preset's 28 give 12 packs over its 4 settings; 21 gives this slice 4 packs, an even load on 2 cores);
 - continual: the MLP method grid on one benchmark (rl_gauss: 11 methods × 3 seeds = 33 runs), packs of 17 (2 packs;
   the preset's 11 gives 3 over one benchmark, which leaves a core idle for the last).
+- icl: the APE half of the unimodal sweep on 4 K (512 … 4096) × 2 seeds = 8 runs of 3000 steps, packs of 4 (2
+  packs; a pack holds one scheme, so a mixed slice would load the cores unevenly).
 
 ``--default`` also times the preset's whole pipeline (``config.yaml``: the default pipeline) from a clean
 ``results/``: as configured (packed) and with every pack set to 1 (one run per job, the pipeline before packs).
@@ -120,8 +122,15 @@ def _cpu_continual(cfg: dict, mode: str) -> dict:
     return cfg
 
 
+def _cpu_icl(cfg: dict, mode: str) -> dict:
+    cfg["icl"]["unimodal"]["Ks"] = [512, 1024, 2048, 4096]  # keeps the multimodal stage-1 run (rope, K 4096)
+    cfg["icl"].update(pack=4 if mode != "one" else 1)
+    return cfg
+
+
 def _cpu_targets(name: str, cfg: dict) -> list[str]:
-    return _targets("finetune" if name == "plasticity" else name, cfg)
+    targets = _targets("finetune" if name == "plasticity" else name, cfg)
+    return [t for t in targets if "/uni/ape/" in t] if name == "icl" else targets
 
 
 # preset -> (config file, data and backbones to prepare untimed, {scenario: (edit, modes, targets)})
@@ -133,7 +142,8 @@ PRESETS = {
                  "continual": (_continual, ("one", "packed", "fused"), _targets)}),
     "cpu": ("configs/cpu.yaml", ["results/runs/pretrain/base/model.safetensors", "results/data/sketch.safetensors"],
             {"plasticity": (_cpu_plasticity, ("one", "packed"), _cpu_targets),
-             "continual": (_cpu_continual, ("one", "packed", "fused"), _cpu_targets)}),
+             "continual": (_cpu_continual, ("one", "packed", "fused"), _cpu_targets),
+             "icl": (_cpu_icl, ("one", "packed"), _cpu_targets)}),
 }
 
 

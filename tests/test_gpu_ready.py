@@ -66,15 +66,22 @@ def test_error_skips_variables_that_say_none_and_explains_a_cuda_build(no_gpu_en
         resolve_device("cuda")
 
 
-def test_fused_adam_only_for_cuda_parameters():
-    cuda = SimpleNamespace(is_cuda=True, is_floating_point=lambda: True)
-    cpu = SimpleNamespace(is_cuda=False, is_floating_point=lambda: True)
-    assert _fused([cuda, cuda]) == {"fused": True} and _fused([{"params": [cuda]}]) == {"fused": True}
-    assert _fused([cuda, cpu]) == {} and _fused([]) == {}
+def test_fused_adam_kernel_for_cuda_parameters_or_on_request():
+    def fake(device, floating=True):
+        return SimpleNamespace(is_cuda=device.startswith("cuda"), is_floating_point=lambda: floating,
+                               device=torch.device(device))
+
+    cuda, cpu = fake("cuda:0"), fake("cpu")
+    off, on = train_config({}), train_config({"fused_adam": True})
+    assert _fused([cuda, cuda], off) == {"fused": True} and _fused([{"params": [cuda]}], off) == {"fused": True}
+    assert _fused([cuda, cpu], off) == {} and _fused([cuda, cpu], on) == {} and _fused([], on) == {}
+    assert _fused([cuda, fake("cuda:1")], off) == {}  # one device per fused call
+    assert _fused([cpu], off) == {}  # CPU: torch's default per-tensor loop unless asked
+    assert _fused([cpu, {"params": [cpu]}], on) == {"fused": True} and _fused([fake("cpu", False)], on) == {}
     model = torch.nn.Linear(4, 3)
-    for name in ("adam", "adamw"):
+    for name in ("adam", "adamw", "adamo"):
         opt = build_optimizer(model.named_parameters(), train_config({"optimizer": name}))
-        assert not opt.defaults.get("fused")  # CPU: torch's default implementation, as before
+        assert not any(g.get("fused") for g in opt.param_groups)  # CPU: torch's default implementation, as before
 
 
 def _train(compiled: bool, steps: int = 3) -> tuple[torch.nn.Module, list[float]]:
