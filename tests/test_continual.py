@@ -286,6 +286,19 @@ def test_unit_and_spectral_metrics_on_constructed_networks():
     assert metrics.entk_condition(lin, xs) == pytest.approx((ev[-1] / ev[0]).item(), rel=1e-4)
 
 
+def test_entk_condition_of_a_multi_tensor_model_matches_the_full_jacobian():
+    """Θ is summed tensor by tensor; it must equal JJᵀ of the whole Jacobian, here built row by row with autograd."""
+    m, x = _mlp(), torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    params = list(m.parameters())
+    out = m(x)
+    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(out[i, c], params, retain_graph=True)])
+            for i in range(out.shape[0]) for c in range(out.shape[1])]
+    j = torch.stack(rows).double()
+    ev = torch.linalg.eigvalsh(j @ j.T).clamp_min(1e-12)
+    assert len(params) > 2
+    assert metrics.entk_condition(m, x) == pytest.approx((ev[-1] / ev[0]).item(), rel=1e-6)
+
+
 def test_redo_resets_dormant_units_and_their_moments():
     m = _mlp()
     opt = AdamO(m.parameters(), lr=1e-2, isometry_lambda=0.0)

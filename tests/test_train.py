@@ -99,6 +99,53 @@ def test_fused_adam_switch_matches_the_loop_at_rounding_level(optimizer):
         torch.testing.assert_close(fused[name], p, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_unclipped_run_logs_the_same_norms_and_weights_as_a_clip_that_never_bites(tmp_path):
+    """clip_grad None skips clip_grad_norm_'s rescale by 1 but logs the same pre-clip norm; nothing else changes."""
+    x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 4
+
+    class Task:
+        selection_metric = "acc"
+
+        def train_batch(self, step, batch_size):
+            idx = torch.arange(step, step + batch_size) % 64
+            return x[idx], y[idx]
+
+        def loss(self, model, batch):
+            return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+        def evaluate(self, model, split, autocast):
+            with torch.no_grad():
+                return {"acc": (model(x).argmax(1) == y).float().mean().item()}
+
+    out = []
+    for clip in (None, 1e9):
+        torch.manual_seed(0)
+        model = MLP(8, 32, 2, 4)
+        cfg = train_config({"optimizer": "adam", "lr": 3e-3, "steps": 20, "batch_size": 16, "clip_grad": clip,
+                            "eval_every": 10, "ckpt_every": 0, "warmup_steps": 0})
+        res = fit(model, Task(), cfg, tmp_path / str(clip), device=torch.device("cpu"), config_id=str(clip))
+        assert res.status == "ok" and res.steps_done == 20
+        out.append((res.log, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (log_none, w_none), (log_big, w_big) = out
+    assert log_none["grad_norm"] == log_big["grad_norm"] and log_none["loss"] == log_big["loss"]
+    assert all(g > 0 for g in log_none["grad_norm"])
+    assert all(torch.equal(w_none[n], w_big[n]) for n in w_none)
+
+
+def test_runs_flush_denormals():
+    """A run's process flushes denormal floats (x86's slow path for Adam moments decaying at dead units)."""
+    from adaptlab.train.device import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0  # 1e-40: a denormal, flushed
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+    assert (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() != 0.0
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = train_config({"steps": 100, "warmup_steps": 10, "min_lr_factor": 0.1})
     f = [lr_factor(s, cfg) for s in range(100)]

@@ -231,10 +231,11 @@ class FusedRuns:
                 p.grad = torch.where(keep, p.grad, torch.zeros_like(p.grad))
                 norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1))
         total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
-        coef = torch.clamp(clip / (total + 1e-6), max=1.0)
-        for p in self.params.values():
-            if p.grad is not None:
-                p.grad.mul_(per_run(coef, p))
+        if clip != math.inf:  # no clipping: the norms alone (a rescale by 1 changes nothing)
+            coef = torch.clamp(clip / (total + 1e-6), max=1.0)
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(per_run(coef, p))
         return [n if o else float("nan") for n, o in zip(total.tolist(), ok.tolist())]
 
     def step(self, active: list[bool]) -> None:

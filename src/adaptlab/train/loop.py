@@ -99,6 +99,9 @@ class OneRun:
             return [math.nan]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if clip == math.inf:  # no clipping: the norm alone (clip_grad_norm_ would multiply every gradient by 1)
+            grads = [p.grad for p in self.params if p.grad is not None]
+            return [torch.nn.utils.get_total_norm(grads).item() if grads else 0.0]
         return [torch.nn.utils.clip_grad_norm_(self.params, clip).item()]
 
     def step(self, active: list[bool]) -> None:
