@@ -6,6 +6,8 @@ import copy
 import subprocess
 import sys
 
+import warnings
+
 import duckdb
 import pytest
 import torch
@@ -257,6 +259,27 @@ def test_bad_lambda_and_patterns_are_rejected():
     w = nn.Parameter(torch.full((4, 4), 3.0))
     opt = AdamO([w], lr=1.0, isometry_lambda=1.0)
     w.grad = torch.zeros_like(w)
+    with pytest.warns(RuntimeWarning, match="unstable"):
+        opt.step()
+
+
+def test_adamo_checks_the_iso_step_bound_at_the_first_step_and_every_stability_every_th():
+    """The bound costs a host sync per matrix, so it is not read at every step: a matrix that becomes unstable
+    after the first step is announced at the next check."""
+    from adaptlab.train.adamo import STABILITY_EVERY
+
+    w = nn.Parameter(torch.eye(4) * 0.1)
+    opt = AdamO([w], lr=0.01, isometry_lambda=1.0)  # η_iso·λ = 0.01: stable at 0.1·I, not at all 3s
+    w.grad = torch.zeros_like(w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()  # checked: stable
+        with torch.no_grad():
+            w.fill_(3.0)
+        for _ in range(STABILITY_EVERY - 1):  # unstable now, not checked
+            opt.step()
+            with torch.no_grad():
+                w.fill_(3.0)
     with pytest.warns(RuntimeWarning, match="unstable"):
         opt.step()
 

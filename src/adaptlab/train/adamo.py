@@ -23,7 +23,8 @@ Conventions chosen here (the paper's are unknown; each is a knob):
 - The iso term is not preconditioned, has no momentum and never enters ``exp_avg``/``exp_avg_sq``.
 - The Gram is computed in at least float32. No clipping: the step is stable while 4η_isoλ(3σ_max² − s) < 1;
   a warning is issued once when a cheap lower bound of σ_max² shows it is not (the run then diverges and the
-  training loop records it).
+  training loop records it). The bound is checked at the first step and every ``STABILITY_EVERY``-th: it costs
+  a reduction and a host sync per matrix (5 % of a preset continual MLP run when checked at every step).
 
 Which tensors are regularised is decided by name (``isometry_param_groups``): ≥2-D weights matching the
 ``patterns`` and none of the ``exclude`` patterns (by default embeddings, heads, norms). Fused matrices
@@ -47,6 +48,7 @@ from torch.optim.adam import adam as adam_update  # torch's functional Adam (its
 DEFAULT_PATTERNS: tuple[str, ...] = ("*",)
 DEFAULT_EXCLUDE: tuple[str, ...] = ("head*", "*embed*", "*norm*", "*cls_token*", "*pos_embed*", "*reg_token*")
 DEFAULT_SPLITS: dict[str, int] = {"*qkv.weight": 3}  # fused q, k, v projections
+STABILITY_EVERY = 50  # optimizer steps between two checks of the iso step's stability bound
 
 
 def _as_matrix(w: torch.Tensor) -> torch.Tensor:
@@ -211,6 +213,7 @@ class AdamO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._calls = getattr(self, "_calls", 0) + 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, lam = group["lr"], group["isometry_lambda"]
@@ -270,5 +273,5 @@ class AdamO(torch.optim.Optimizer):
 
     def _check_stability(self, p: torch.Tensor, coeff: float, scale: float) -> None:
         """Warn once when the iso step is certainly unstable (``warn_unstable``)."""
-        if not getattr(self, "_warned", False):
+        if not getattr(self, "_warned", False) and (self._calls - 1) % STABILITY_EVERY == 0:
             self._warned = warn_unstable(coeff, sigma_max_sq_bound(p), scale)
