@@ -36,6 +36,62 @@ def tiny_pretrained(tmp_path_factory, tiny_data) -> Path:
     return out / "model.safetensors"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops: extra threads only add contention on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small_mlp(seed: int = 0):
+    """The continual benchmark's ReLU MLP at 8 → 16 → 16 → 4, seeded."""
+    import torch
+
+    from adaptlab.continual import bench
+
+    torch.manual_seed(seed)
+    return bench.MLP(8, 16, 2, 4)
+
+
+def fixed_grads(model, n: int, seed: int = 1) -> list:
+    """``n`` seeded random gradients for every parameter of ``model``."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g) for p in model.parameters()] for _ in range(n)]
+
+
+def apply_grads(model, opt, grads) -> None:
+    """One optimizer step per gradient set of ``fixed_grads``."""
+    for gs in grads:
+        for p, g in zip(model.parameters(), gs):
+            p.grad = g.clone()
+        opt.step()
+
+
+def pixel_signatures(x) -> list[int]:
+    """The R value of pixel (0, 0) of each image: each data fixture image has its own."""
+    return [int(v) for v in x[:, 0, 0, 0]]
+
+
+def image_counter(*arrays):
+    """Multiset of images (by bytes): equal counters mean the same images, duplicates included."""
+    from collections import Counter
+
+    return Counter(img.tobytes() for x in arrays for img in x)
+
+
+def assert_disjoint_cover(parts: list[list[int]], universe: set[int]) -> None:
+    """The parts (e.g. a dataset's splits) never overlap and together cover ``universe``."""
+    flat = [v for p in parts for v in p]
+    assert len(flat) == len(set(flat)), "splits overlap (or repeat an item)"
+    assert set(flat) == universe
+
+
 def make_run(trainable="full", patterns=("*",), optimizer="sgd", lr=0.01, seed=0, **train) -> dict:
     cfg = train_config({"steps": 12, "batch_size": 16, "eval_every": 4, "ckpt_every": 4, "lr": lr,
                         "optimizer": optimizer, **train})

@@ -1,12 +1,10 @@
-"""Study 5: AdamO invariants (shared/papers/adamo.md §5), the plasticity metrics, the registry/fit extensions
-and a tiny end-to-end continual pipeline."""
+"""Study 5: the plasticity metrics, ReDo, the registry/fit extensions and a tiny end-to-end continual pipeline
+(AdamO's own invariants: test_adamo.py)."""
 from __future__ import annotations
 
 import copy
 import subprocess
 import sys
-
-import warnings
 
 import duckdb
 import pytest
@@ -18,274 +16,17 @@ from adaptlab.aggregate import aggregate
 from adaptlab.config import ConfigError, expand_runs, train_config, validate_config
 from adaptlab.continual import bench, metrics, specs as continual_specs
 from adaptlab.continual.run import run_continual
-from adaptlab.models.vit import create_vit
-from adaptlab.train.adamo import (AdamO, coupled_isometry_loss, gram_deviation, isometry_grad, isometry_param_groups,
-                                  isometry_penalty, select_isometry)
+from adaptlab.train.adamo import AdamO
 from adaptlab.train.loop import fit
 from adaptlab.train.optim import build_optimizer
-from conftest import TINY_MODEL, copy_workflow, make_run
+from conftest import TINY_MODEL, apply_grads, copy_workflow, fixed_grads, make_run, small_mlp
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny ops: extra threads only add contention on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return bench.MLP(8, 16, 2, 4)
-
-
-def _grads(model, n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(p.shape, generator=g) for p in model.parameters()] for _ in range(n)]
-
-
-def _run(model, opt, grads):
-    for gs in grads:
-        for p, g in zip(model.parameters(), gs):
-            p.grad = g.clone()
-        opt.step()
-
-
-def test_lambda_zero_is_adam_bit_for_bit():
-    x = torch.randn(64, 8)
-    y = torch.randint(4, (64,))
-    a, b = _mlp(), _mlp()
-    oa = AdamO(a.parameters(), lr=3e-3, isometry_lambda=0.0)
-    ob = torch.optim.Adam(b.parameters(), lr=3e-3, foreach=False)
-    for _ in range(200):
-        for m, o in ((a, oa), (b, ob)):
-            o.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            o.step()
-    for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
-        assert torch.equal(oa.state[pa]["exp_avg"], ob.state[pb]["exp_avg"])
-        assert torch.equal(oa.state[pa]["exp_avg_sq"], ob.state[pb]["exp_avg_sq"])
-    # λ > 0 with nothing regularised (biases only: 1-D) is Adam too
-    c, d = _mlp(), _mlp()
-    bias = lambda m: [p for n, p in m.named_parameters() if n.endswith("bias")]
-    oc, od = AdamO(bias(c), lr=1e-2, isometry_lambda=0.1), torch.optim.Adam(bias(d), lr=1e-2, foreach=False)
-    grads = _grads(c, 20)
-    for o, m in ((oc, c), (od, d)):
-        for gs in grads:
-            for (n, p), g in zip(m.named_parameters(), gs):
-                p.grad = g.clone() if n.endswith("bias") else None
-            o.step()
-    assert all(torch.equal(p, q) for p, q in zip(c.parameters(), d.parameters()))
-
-
-def test_moments_do_not_depend_on_lambda_and_the_step_is_exactly_iso():
-    grads = _grads(_mlp(), 30)
-    models, opts = [], []
-    for lam in (0.0, 0.1):
-        m = _mlp()
-        o = AdamO(m.parameters(), lr=1e-2, isometry_lambda=lam)
-        _run(m, o, grads)
-        models.append(m), opts.append(o)
-    for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
-        for key in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(opts[0].state[p0][key], opts[1].state[p1][key])
-    # one step: the parameters differ by exactly −η·λ·∇R(θ_t)
-    m0, m1 = _mlp(), _mlp()
-    w = m1.layers[0].weight.detach().clone()
-    _run(m0, AdamO(m0.parameters(), lr=1e-2, isometry_lambda=0.0), grads[:1])
-    _run(m1, AdamO(m1.parameters(), lr=1e-2, isometry_lambda=0.1), grads[:1])
-    torch.testing.assert_close(m1.layers[0].weight - m0.layers[0].weight, -1e-2 * 0.1 * isometry_grad(w),
-                               rtol=1e-4, atol=1e-7)
-    # the coupled variant puts the penalty through the moments, so they differ
-    mc = _mlp()
-    oc = torch.optim.Adam(mc.parameters(), lr=1e-2, foreach=False)
-    for gs in grads[:3]:
-        oc.zero_grad()
-        coupled_isometry_loss(mc.named_parameters(), 0.1, exclude=["head*"]).backward()
-        for p, g in zip(mc.parameters(), gs):
-            p.grad = g.clone() if p.grad is None else p.grad + g
-        oc.step()
-    m_ref = _mlp()
-    o_ref = AdamO(m_ref.parameters(), lr=1e-2, isometry_lambda=0.1)
-    _run(m_ref, o_ref, grads[:3])
-    assert not torch.equal(oc.state[mc.layers[0].weight]["exp_avg"], o_ref.state[m_ref.layers[0].weight]["exp_avg"])
-
-
-@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
-def test_one_step_maps_singular_values_and_keeps_vectors(shape):
-    torch.manual_seed(0)
-    w = torch.randn(*shape, dtype=torch.float64) / shape[1] ** 0.5
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    p = nn.Parameter(w.clone())
-    opt = AdamO([p], lr=0.01, isometry_lambda=0.5)
-    p.grad = torch.zeros_like(p)  # task gradient 0: Adam's part is exactly 0, only the iso step moves W
-    opt.step()
-    coeff = 0.01 * 0.5
-    s_new = s - 4 * coeff * s * (s ** 2 - 1)
-    torch.testing.assert_close(p.detach(), u @ torch.diag(s_new) @ vh, rtol=0, atol=1e-12)
-    torch.testing.assert_close(torch.linalg.svdvals(p.detach()), s_new.sort(descending=True).values, atol=1e-12, rtol=0)
-    # repeated small steps: the Gram deviation falls strictly, to ~0
-    devs = [gram_deviation(p)]
-    for _ in range(300):
-        p.grad = torch.zeros_like(p)
-        opt.step()
-        devs.append(gram_deviation(p))
-    assert all(b < a for a, b in zip(devs, devs[1:]))
-    assert devs[-1] < 1e-2 * devs[0]  # all σ → 1 (the square case's σ_min ≈ 0 starts slowly)
-
-
-def test_shape_rule_and_gradient():
-    torch.manual_seed(0)
-    for shape in [(12, 5), (5, 12), (7, 7), (6, 2, 3, 3)]:
-        w = torch.randn(*shape, requires_grad=True)
-        m = w.reshape(shape[0], -1)
-        gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-        assert gram.shape == (min(m.shape),) * 2
-        isometry_penalty(w).backward()
-        torch.testing.assert_close(isometry_grad(w), w.grad, rtol=1e-5, atol=1e-5)
-        assert isometry_grad(w).shape == w.shape
-    # orthogonal tall/wide matrices are fixed points; zero stays zero
-    for shape in [(12, 5), (5, 12)]:
-        w = nn.init.orthogonal_(torch.empty(*shape))
-        assert isometry_penalty(w).item() < 1e-10
-        assert isometry_grad(w).abs().max().item() < 1e-5
-    assert torch.equal(isometry_grad(torch.zeros(4, 6)), torch.zeros(4, 6))
-    # fused qkv: the 3 row blocks separately; a conv kernel equals its (C_out, -1) view
-    qkv = torch.randn(24, 8)
-    torch.testing.assert_close(isometry_grad(qkv, split=3), torch.cat([isometry_grad(b) for b in qkv.chunk(3)]))
-    k = torch.randn(6, 2, 3, 3)
-    torch.testing.assert_close(isometry_grad(k), isometry_grad(k.reshape(6, -1)).reshape(k.shape))
-
-
-def test_selection_by_name_on_a_vit():
-    vit = create_vit(TINY_MODEL, 4)
-    chosen = select_isometry(vit.named_parameters())
-    assert chosen["blocks.0.attn.qkv.weight"] == 3 and chosen["blocks.1.mlp.fc2.weight"] == 1
-    assert not any(n.startswith(("head", "patch_embed", "norm")) or "norm" in n or n.endswith("bias") for n in chosen)
-    assert "pos_embed" not in chosen and "cls_token" not in chosen
-    groups = isometry_param_groups(vit.named_parameters(), 0.01)
-    assert [g["isometry_split"] for g in groups] == [1, 3, 1] and groups[-1]["isometry_lambda"] == 0.0
-
-
-def test_per_group_lambda_lr_and_schedule():
-    torch.manual_seed(0)
-    w0 = torch.randn(6, 4)
-
-    def iso_move(**group):
-        p = nn.Parameter(w0.clone())
-        opt = AdamO([{"params": [p], **group}], lr=0.1, isometry_lambda=0.0)
-        p.grad = torch.zeros_like(p)
-        opt.step()
-        return p.detach() - w0, opt
-
-    ref = -isometry_grad(w0)
-    torch.testing.assert_close(iso_move(isometry_lambda=0.01)[0], 0.1 * 0.01 * ref)
-    torch.testing.assert_close(iso_move(isometry_lambda=0.01, lr=0.05)[0], 0.05 * 0.01 * ref)
-    torch.testing.assert_close(iso_move(isometry_lambda=0.01, isometry_lr=0.3)[0], 0.3 * 0.01 * ref)
-    assert torch.equal(iso_move(isometry_lambda=0.0)[0], torch.zeros_like(w0))
-    # a scheduler that halves the lr halves the iso step (η_iso follows the group's current lr)
-    p = nn.Parameter(w0.clone())
-    opt = AdamO([p], lr=0.1, isometry_lambda=0.01)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    p.grad = torch.zeros_like(p)
-    opt.step()
-    sched.step()
-    before = p.detach().clone()
-    opt.step()
-    torch.testing.assert_close(p.detach() - before, 0.05 * 0.01 * -isometry_grad(before))
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_state_dict_round_trip(fused):
-    grads = _grads(_mlp(), 100)
-
-    def adamo(model):
-        return AdamO(isometry_param_groups(model.named_parameters(), 0.05, exclude=["head*"]), lr=1e-2, fused=fused)
-
-    a = _mlp()
-    oa = adamo(a)
-    _run(a, oa, grads)
-    b = _mlp()
-    ob = adamo(b)
-    _run(b, ob, grads[:50])
-    model_sd, opt_sd = copy.deepcopy(b.state_dict()), copy.deepcopy(ob.state_dict())
-    assert opt_sd["param_groups"][0]["isometry_lambda"] == 0.05 and "isometry_lr" in opt_sd["param_groups"][0]
-    c = _mlp(seed=5)
-    oc = adamo(c)
-    c.load_state_dict(model_sd)
-    oc.load_state_dict(copy.deepcopy(opt_sd))  # torch keeps the loop's step tensors, which the steps advance
-    _run(c, oc, grads[50:])
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
-    if not fused:  # a checkpoint written before AdamO had the fused key resumes on the loop, bit for bit
-        for g in opt_sd["param_groups"]:
-            del g["fused"]
-        d = _mlp(seed=6)
-        od = adamo(d)
-        d.load_state_dict(model_sd)
-        od.load_state_dict(opt_sd)
-        _run(d, od, grads[50:])
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), d.parameters()))
-
-
-def test_fused_adamo_steps_like_the_loop():
-    """AdamO(fused=True): torch's fused Adam kernel for the Adam part, the same isometry steps; equal to the loop
-    at rounding level."""
-    grads = _grads(_mlp(), 60)
-    a, b = _mlp(), _mlp()
-    _run(a, AdamO(isometry_param_groups(a.named_parameters(), 0.1), lr=1e-2), grads)
-    _run(b, AdamO(isometry_param_groups(b.named_parameters(), 0.1), lr=1e-2, fused=True), grads)
-    start = _mlp()
-    for p, q, p0 in zip(a.parameters(), b.parameters(), start.parameters()):
-        assert (p - p0).abs().max() > 1e-2
-        torch.testing.assert_close(q, p, atol=1e-5, rtol=1e-5)
-
-
-def test_bad_lambda_and_patterns_are_rejected():
-    m = _mlp()
-    for lam in (-0.1, float("nan"), "0.1"):
-        with pytest.raises(ValueError, match="isometry_lambda"):
-            AdamO(m.parameters(), isometry_lambda=lam)
-    with pytest.raises(ValueError, match="isometry_lambda"):
-        AdamO([{"params": list(m.parameters()), "isometry_lambda": -1.0}])
-    with pytest.raises(ValueError, match=r"isometry_patterns: \['blocks\.\*'\] match no parameter"):
-        isometry_param_groups(m.named_parameters(), 0.1, patterns=["blocks.*"])
-    with pytest.raises(ValueError, match="isometry_patterns"):
-        select_isometry(m.named_parameters(), patterns="layers.*")
-    with pytest.raises(ValueError, match="named_parameters"):
-        build_optimizer(m.parameters(), train_config({"optimizer": "adamo"}))
-    # an iso step that cannot be stable is announced
-    w = nn.Parameter(torch.full((4, 4), 3.0))
-    opt = AdamO([w], lr=1.0, isometry_lambda=1.0)
-    w.grad = torch.zeros_like(w)
-    with pytest.warns(RuntimeWarning, match="unstable"):
-        opt.step()
-
-
-def test_adamo_checks_the_iso_step_bound_at_the_first_step_and_every_stability_every_th():
-    """The bound costs a host sync per matrix, so it is not read at every step: a matrix that becomes unstable
-    after the first step is announced at the next check."""
-    from adaptlab.train.adamo import STABILITY_EVERY
-
-    w = nn.Parameter(torch.eye(4) * 0.1)
-    opt = AdamO([w], lr=0.01, isometry_lambda=1.0)  # η_iso·λ = 0.01: stable at 0.1·I, not at all 3s
-    w.grad = torch.zeros_like(w)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        opt.step()  # checked: stable
-        with torch.no_grad():
-            w.fill_(3.0)
-        for _ in range(STABILITY_EVERY - 1):  # unstable now, not checked
-            opt.step()
-            with torch.no_grad():
-                w.fill_(3.0)
-    with pytest.warns(RuntimeWarning, match="unstable"):
-        opt.step()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_unit_and_spectral_metrics_on_constructed_networks():
-    m = _mlp()
+    m = small_mlp()
     x = torch.randn(64, 8)
     with torch.no_grad():
         m.layers[0].weight[:4] = 0.0  # 4 of 16 units of layer 0: pre-activation = bias < 0 → dead
@@ -311,7 +52,7 @@ def test_unit_and_spectral_metrics_on_constructed_networks():
 
 def test_entk_condition_of_a_multi_tensor_model_matches_the_full_jacobian():
     """Θ is summed tensor by tensor; it must equal JJᵀ of the whole Jacobian, here built row by row with autograd."""
-    m, x = _mlp(), torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    m, x = small_mlp(), torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
     params = list(m.parameters())
     out = m(x)
     rows = [torch.cat([g.flatten() for g in torch.autograd.grad(out[i, c], params, retain_graph=True)])
@@ -323,12 +64,12 @@ def test_entk_condition_of_a_multi_tensor_model_matches_the_full_jacobian():
 
 
 def test_redo_resets_dormant_units_and_their_moments():
-    m = _mlp()
+    m = small_mlp()
     opt = AdamO(m.parameters(), lr=1e-2, isometry_lambda=0.0)
-    _run(m, opt, _grads(m, 2))
+    apply_grads(m, opt, fixed_grads(m, 2))
     mask = torch.zeros(16, dtype=torch.bool)
     mask[:3] = True
-    n = bench.redo_reset(m, _mlp(seed=9), opt, {"layers.0": mask})
+    n = bench.redo_reset(m, small_mlp(seed=9), opt, {"layers.0": mask})
     assert n == 3
     assert torch.equal(m.layers[1].weight[:, :3], torch.zeros(16, 3))
     assert (opt.state[m.layers[0].weight]["exp_avg"][:3] == 0).all()
@@ -337,7 +78,7 @@ def test_redo_resets_dormant_units_and_their_moments():
 
 def test_fit_carries_an_optimizer_across_tasks(tmp_path):
     x, _, _ = bench.load_inputs({"inputs": "gaussian", "n": 64, "dim": 8}, 0)
-    m = _mlp()
+    m = small_mlp()
     cfg = train_config({"optimizer": "adamo", "lr": 3e-3, "steps": 5, "batch_size": 8, "warmup_steps": 0,
                         "min_lr_factor": 1.0, "clip_grad": None, "eval_every": 5, "ckpt_every": 0,
                         "isometry_exclude": ["head*"]})
@@ -420,7 +161,7 @@ def test_grid_fused_adam_switch_reaches_the_optimizer_and_leaves_other_runs_alon
         assert "fused_adam" not in spec["grid_cfg"] and "fused_adam" not in fit_config(spec)
         assert config_hash(switched[rid]) != config_hash(spec)  # a switched run is a new run (rounding-level change)
         for s, fused in ((spec, False), (switched[rid], True)):
-            opt = build_optimizer(list(_mlp().named_parameters()), fit_config(s))
+            opt = build_optimizer(list(small_mlp().named_parameters()), fit_config(s))
             assert all(bool(g.get("fused")) == fused for g in opt.param_groups), (rid, fused)
 
 
