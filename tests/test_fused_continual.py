@@ -19,9 +19,10 @@ from adaptlab.config import validate_config
 from adaptlab.continual import specs as continual_specs
 from adaptlab.continual.run import fuse_key, run_continual, run_continual_fused
 from adaptlab.preemption import EXIT_PREEMPTED
-from test_continual import CONTINUAL, MINI, one_thread  # noqa: F401 - its autouse fixture applies here too
+from test_continual import CONTINUAL, MINI
 from test_preemption import CONTINUAL_JOB, TESTS
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = {**CONTINUAL["methods"], "coupled": {"optimizer": "adam", "coupled_lambda": 0.05},
            "l2": {"optimizer": "adam", "l2_init": 0.01}}
 
