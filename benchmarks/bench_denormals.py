@@ -1,5 +1,5 @@
 """Seconds per ``configs/cpu.yaml`` continual run with denormal floats flushed to zero (what every run's process
-does, ``adaptlab.train.device.set_threads``) and without, in one invocation.
+does, ``adaptlab.train.device.set_cpu_math``) and without, in one invocation.
 
     python benchmarks/bench_denormals.py [--model mlp] [--method adam] [--benchmark rl_gauss] [--tasks 30]
 
@@ -38,23 +38,25 @@ def main() -> None:
         raise SystemExit(f"bench_denormals: no cpu.yaml continual run with model {args.model!r}, method "
                          f"{args.method!r}, benchmark {args.benchmark!r}")
     spec["grid_cfg"]["tasks"] = args.tasks
-    flushing = runner.set_threads
+    flushing = runner.set_cpu_math
 
     def keep_denormals(n: int) -> None:
         flushing(n)
         torch.set_flush_denormal(False)
 
     results = {}
-    for mode, setup in (("denormals kept", keep_denormals), ("flushed", flushing)):
-        runner.set_threads = setup
-        with tempfile.TemporaryDirectory() as out:
-            t = time.perf_counter()
-            run_continual(spec, out)
-            wall = time.perf_counter() - t
-            row = read_summary(f"{out}/summary.parquet")
-        results[mode] = (wall, {k: row.get(k) for k in COLUMNS})
-        print(f"{mode:15s} {wall:7.2f} s  {results[mode][1]}", flush=True)
-    runner.set_threads = flushing
+    try:
+        for mode, setup in (("denormals kept", keep_denormals), ("flushed", flushing)):
+            runner.set_cpu_math = setup
+            with tempfile.TemporaryDirectory() as out:
+                t = time.perf_counter()
+                run_continual(spec, out)
+                wall = time.perf_counter() - t
+                row = read_summary(f"{out}/summary.parquet")
+            results[mode] = (wall, {k: row.get(k) for k in COLUMNS})
+            print(f"{mode:15s} {wall:7.2f} s  {results[mode][1]}", flush=True)
+    finally:
+        runner.set_cpu_math = flushing
     (kept, rec_kept), (flushed, rec_flushed) = results.values()
     print(f"{spec['run_id']}: flushed {kept / flushed:.2f}x faster; records equal: {rec_kept == rec_flushed}")
 

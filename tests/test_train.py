@@ -134,11 +134,11 @@ def test_unclipped_run_logs_the_same_norms_and_weights_as_a_clip_that_never_bite
 
 def test_runs_flush_denormals():
     """A run's process flushes denormal floats (x86's slow path for Adam moments decaying at dead units)."""
-    from adaptlab.train.device import set_threads
+    from adaptlab.train.device import set_cpu_math
 
     before = torch.get_num_threads()
     try:
-        set_threads(1)
+        set_cpu_math(1)
         assert (torch.tensor([1e-30]) * torch.tensor([1e-10])).item() == 0.0  # 1e-40: a denormal, flushed
     finally:
         torch.set_flush_denormal(False)

@@ -29,7 +29,7 @@ from adaptlab.config import config_hash, pretrain_run_id, stable_json
 from adaptlab.data.store import load_dataset
 from adaptlab.fingerprint import code_fingerprint
 from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
-from adaptlab.train.device import resolve_device, set_threads
+from adaptlab.train.device import resolve_device, set_cpu_math
 from adaptlab.train.fused import FUSED_OPTIMIZERS, FusedRuns, fused_config_id
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.tasks import ImageClassification
@@ -95,7 +95,7 @@ def _task(data, model, model_cfg: dict, cfg: dict, device, seed: int) -> ImageCl
 def start_run(out_dir: str | Path, threads: int, device: str = "auto") -> tuple[Path, torch.device, float]:
     """The opening every run shares: its CPU thread count, its directory (created), its device and its start time
     for ``wall_seconds``."""
-    set_threads(threads)
+    set_cpu_math(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir, resolve_device(device), time.perf_counter()

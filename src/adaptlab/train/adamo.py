@@ -51,6 +51,11 @@ DEFAULT_SPLITS: dict[str, int] = {"*qkv.weight": 3}  # fused q, k, v projections
 STABILITY_EVERY = 50  # optimizer steps between two checks of the iso step's stability bound
 
 
+def stability_check_due(step: int) -> bool:
+    """Whether optimizer step ``step`` (1, 2, …) reads the stability bound: the first and every STABILITY_EVERY-th."""
+    return (step - 1) % STABILITY_EVERY == 0
+
+
 def _as_matrix(w: torch.Tensor) -> torch.Tensor:
     """2-D view (C_out, −1) of a weight; conv kernels are flattened over (C_in, k_h, k_w)."""
     return w.reshape(w.shape[0], -1)
@@ -202,6 +207,7 @@ class AdamO(torch.optim.Optimizer):
                         isometry_scale=float(isometry_scale), isometry_split=int(isometry_split),
                         isometry_lr=isometry_lr, isometry_lr_scale=float(isometry_lr_scale), fused=bool(fused))
         super().__init__(params, defaults)
+        self._calls = 0  # step() calls: the stability check's cadence (not in the state; a resume checks anew)
         for i, g in enumerate(self.param_groups):  # per-group values are checked too
             _check_lambda(g["isometry_lambda"], f"AdamO param group {i}")
             if g["isometry_split"] < 1:
@@ -213,7 +219,7 @@ class AdamO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._calls = getattr(self, "_calls", 0) + 1
+        self._calls += 1
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr, lam = group["lr"], group["isometry_lambda"]
@@ -273,5 +279,5 @@ class AdamO(torch.optim.Optimizer):
 
     def _check_stability(self, p: torch.Tensor, coeff: float, scale: float) -> None:
         """Warn once when the iso step is certainly unstable (``warn_unstable``)."""
-        if not getattr(self, "_warned", False) and (self._calls - 1) % STABILITY_EVERY == 0:
+        if not getattr(self, "_warned", False) and stability_check_due(self._calls):
             self._warned = warn_unstable(coeff, sigma_max_sq_bound(p), scale)

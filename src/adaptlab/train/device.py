@@ -94,7 +94,7 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def set_threads(n: int) -> None:
+def set_cpu_math(n: int) -> None:
     """The CPU math of a run's process: ``n`` threads, and denormal floats flushed to zero.
 
     Flushing: a dead ReLU unit's gradient is exactly 0, so its Adam moments decay by β each step into the denormal

@@ -116,13 +116,13 @@ class StackedOptimizer:
 
     def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
         """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr)."""
-        from adaptlab.train.adamo import STABILITY_EVERY, isometry_grad, sigma_max_sq_bound, warn_unstable
+        from adaptlab.train.adamo import isometry_grad, sigma_max_sq_bound, stability_check_due, warn_unstable
 
         lam, scale = self.cfg["isometry_lambda"], self.cfg["isometry_scale"]
         if not lam:
             return None
         coeff = self.cfg["isometry_lr_scale"] * lam * lr
-        if not self._warned and (self.t - 1) % STABILITY_EVERY == 0:
+        if not self._warned and stability_check_due(self.t):
             self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(p, batch_dims=1), scale)
         return coeff * isometry_grad(p, scale, self.isometry[name], batch_dims=1).to(p.dtype)
 
