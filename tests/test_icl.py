@@ -140,14 +140,15 @@ def test_rope_is_a_rotation_and_relative():
     d = 64
     q, k = torch.randn(d, dtype=torch.float64), torch.randn(d, dtype=torch.float64)
     ang = rope_angles(16, d).double()
+    rot = lambda x, p: apply_rope(x, torch.polar(torch.ones_like(ang[p]), ang[p]))  # noqa: E731
     for p in range(16):
-        assert abs(apply_rope(q, ang[p]).norm() / q.norm() - 1) < 1e-6
-    assert torch.allclose(apply_rope(q, ang[0]), q)
-    dot = lambda m, n: apply_rope(q, ang[m]) @ apply_rope(k, ang[n])  # noqa: E731
+        assert abs(rot(q, p).norm() / q.norm() - 1) < 1e-6
+    assert torch.allclose(rot(q, 0), q)
+    dot = lambda m, n: rot(q, m) @ rot(k, n)  # noqa: E731
     assert abs(dot(2, 5) - dot(7, 10)) < 1e-5 and abs(dot(0, 3) - dot(12, 15)) < 1e-5
     assert abs(dot(2, 5) - dot(2, 6)) > 1e-3  # it does depend on the offset
     # the rotation matrix is block-diagonal in 2×2 pairs
-    R = torch.stack([apply_rope(e, ang[3]) for e in torch.eye(d, dtype=torch.float64)], 1)
+    R = torch.stack([rot(e, 3) for e in torch.eye(d, dtype=torch.float64)], 1)
     assert torch.allclose(R.T @ R, torch.eye(d, dtype=torch.float64), atol=1e-6)
     mask = torch.block_diag(*[torch.ones(2, 2)] * (d // 2)).bool()
     assert (R[~mask].abs() < 1e-12).all()
@@ -166,6 +167,31 @@ def test_model_causal_init_loss_and_widths():
         task.forward(m, batch)
         for A in m.attention_maps():
             assert torch.all(A.triu(1) == 0) and torch.allclose(A.sum(-1), torch.ones(()))
+
+
+@pytest.mark.parametrize("pos,n_layers,n_heads,m2", [("ape", 2, 1, None), ("rope", 2, 2, None), ("none", 3, 1, None),
+                                                    ("rope", 2, 1, 24)])
+def test_last_block_trimmed_to_the_query_row_gives_the_full_forward_and_gradients(pos, n_layers, n_heads, m2):
+    """Training runs the last block for the last position only; recording attention runs every row of it."""
+    torch.manual_seed(0)
+    m = ICLTransformer(32, 32, pos=pos, n_layers=n_layers, n_heads=n_heads, n_max=16, m2_dim=m2).double()
+    x = torch.randn(6, 17, 32, dtype=torch.float64)
+    kw = {"pos_offset": torch.arange(6) % 3, "m2": torch.randn(6, 6, m2, dtype=torch.float64) if m2 else None}
+    outs, grads = {}, {}
+    for full in (False, True):
+        m.zero_grad()
+        m.set_record_attn(full)
+        outs[full] = m(x, **kw)
+        outs[full].square().sum().backward()
+        grads[full] = [p.grad.clone() for p in m.parameters()]
+    assert m.attention_maps()[-1].shape[-2:] == (17, 17)  # the full path did run every row
+    assert torch.allclose(outs[False], outs[True], rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    m.set_record_attn(False)
+    h = torch.randn(6, 17, m.width, dtype=torch.float64)
+    assert m.blocks[-1](h, last_query=True).shape == (6, 1, m.width)
+    assert torch.allclose(m.blocks[-1](h, last_query=True)[:, 0], m.blocks[-1](h)[:, -1], rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------
