@@ -151,8 +151,15 @@ def pack_members(rule, members):
                                           for m in members])
 
 
+def member_priority(rule, summary):
+    """The scheduling priority one run of ``rule`` would have in its own job (the rule's ``priority:``)."""
+    wc = Wildcards(fromdict=rule.get_wildcards(summary))
+    return rule.expand_priority(wc, rule.expand_input(wc)[0], 1)
+
+
 def run_packs():
-    """Every pack of every packable rule (``adaptlab.packs.plan``), each with its members' jobs."""
+    """Every pack of every packable rule (``adaptlab.packs.plan``), each with its members' jobs and its priority:
+    its highest member's (a pack holding a run that goes first goes first)."""
     out = []
     for rule, summaries, by, size, fuse in PACKABLE:
         members = {}
@@ -160,5 +167,6 @@ def run_packs():
             if rule.is_producer(path):
                 members[rid] = rule.get_wildcards(path)
         for pack in plan_packs(rule.name, members, by, size, fuse):
-            out.append((pack, [member_job(rule, summary_file(rid)) for rid in pack.members]))
+            out.append((pack, [member_job(rule, summary_file(rid)) for rid in pack.members],
+                        max(member_priority(rule, summary_file(rid)) for rid in pack.members)))
     return out

@@ -26,6 +26,9 @@ rule continual_run:
         cmodel=NAME,
         cmethod=r"[A-Za-z][A-Za-z0-9_.+-]*",
     threads: CFG.get("continual", {}).get("threads", 1)
+    # longest first: a ViT run costs ~3 MLP runs on the CPU, so the ViT jobs start first and the short MLP jobs
+    # fill the tail instead of one ViT pack running alone at the end
+    priority: lambda wc: 1 if study_spec("continual", "run")(wc)["model"]["kind"] == "vit" else 0
     group:
         "continual"
     script:

@@ -25,6 +25,9 @@ rule icl_uni:
         device=CFG["device"],
         on_error=CFG["finetune"]["on_error"],
     threads: CFG.get("icl", {}).get("threads", 1)
+    # stage 1 before stage 2 whenever both are ready: the multimodal runs are the short ones, so they fill the
+    # tail instead of leaving a core idle behind the last unimodal pack
+    priority: 1
     group:
         "icl"
     script:

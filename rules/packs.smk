@@ -3,7 +3,9 @@
 # rule's own jobs would. One rule per pack, named <rule>_pack_<key>_<i>; its outputs are the members' outputs, so
 # Snakemake picks it over the rule's own wildcard job for them (a rule without wildcards wins). Its params hold
 # every member's params: a one-value change reruns the packs holding changed runs, and inside them the unchanged
-# members are restored from their kept records (adaptlab.run_dir), not retrained. On a cluster a pack asks for the
+# members are restored from their kept records (adaptlab.run_dir), not retrained. A pack has its highest member's
+# priority (the packed rule's `priority:`), so that the long or upstream runs a rule file puts first still go
+# first when Snakemake has more ready jobs than cores. On a cluster a pack asks for the
 # packed rule's resources (profiles/slurm): the runtime of all its members one after another, or of one member
 # when the pack trains fused (its runs step together).
 
@@ -27,7 +29,7 @@ def pack_resources(rule, n_members, fused):
     return res
 
 
-for _pack, _members in run_packs():
+for _pack, _members, _priority in run_packs():
     _base = getattr(rules, _pack.rule).rule
 
     rule:
@@ -43,6 +45,7 @@ for _pack, _members in run_packs():
             members=pack_members(_base, _members),
             fuse=_pack.fuse,
         threads: pack_threads(_base)
+        priority: _priority
         script:
             "../workflow/scripts/pack_run.py"
     for _name, _res in pack_resources(_pack.rule, len(_members), _pack.fuse).items():

@@ -210,3 +210,23 @@ def test_a_pack_asks_the_cluster_for_its_rules_resources(tmp_path):
         assert int(r["mem_mb"]) == entry["mem_mb"] and int(r["cpus_per_task"]) == entry["cpus_per_task"]
     assert int(res["finetune_pack_main_noisy_0"]["runtime"]) == 4 * entry["runtime"]
     assert int(res["finetune_pack_components_noisy_0"]["runtime"]) == entry["runtime"]  # fused: runs step together
+
+
+def test_a_pack_has_its_highest_members_priority(tmp_path):
+    """Dry run of the CPU preset: the packs of the unimodal ICL runs (stage 1) and of the continual ViT runs (the
+    long ones) carry their rule's priority, so that Snakemake starts them before the short jobs that fill the tail."""
+    import re
+
+    wd = copy_workflow(tmp_path / "wf")
+    proc = snakemake(wd, "-n", "--cores", "2", "continual_runs", "icl_runs", "--configfile", "configs/cpu.yaml")
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    jobs = re.findall(r"^ *(?:local)?rule (\w+_pack_\w+):\n((?: {4,}\S.*\n)+)", log, flags=re.M)
+    priority = {rule: int(m.group(1)) if (m := re.search(r"^ +priority: (\d+)", body, flags=re.M)) else 0
+                for rule, body in jobs}
+    assert {r for r in priority if r.startswith("icl_uni_")} == {f"icl_uni_pack_all_{i}" for i in range(4)}
+    assert {r: p for r, p in priority.items() if p} == {
+        **{f"icl_uni_pack_all_{i}": 1 for i in range(4)},
+        **{f"continual_run_pack_vit_{b}_{i}": 1 for b in ("rl_digits", "perm_digits") for i in range(2)}}
+    assert sum(r.startswith("continual_run_pack_mlp_") for r in priority) == 9
+    assert sum(r.startswith("icl_mm_") for r in priority) == 2
