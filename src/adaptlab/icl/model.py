@@ -15,6 +15,8 @@ readout of the L label logits at the last position only.
   into the M2 slots (3i+1 and the last position) before positions are added.
 
 Attention probabilities are kept in ``attn.last_attn`` when ``record_attn`` is set, for the progress measures.
+Otherwise the last block runs for the last position only (``last_query``): the readout reads nothing else, so
+it is the same function with a third less arithmetic in the 2-layer model (tests/test_icl.py compares both).
 """
 from __future__ import annotations
 
