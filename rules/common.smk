@@ -130,12 +130,14 @@ def _paths(value):
 def member_job(rule, summary):
     """What one run of ``rule`` (a ``Rule``) needs as a pack member: its wildcards applied to the rule's input,
     output and log, as the rule's own job would have them (Snakemake's own expansion: Rule.get_wildcards and
-    expand_*, internals of Snakemake 9; tests/test_packs.py fails if a release changes them). Its params are
-    ``member_params``: evaluated only for a pack Snakemake schedules, not at every parse."""
+    expand_*, internals of Snakemake 9; tests/test_packs.py fails if a release changes them), and the scheduling
+    priority its own job would have (the rule's ``priority:``), kept apart from the job: it is not a param. Its
+    params are ``member_params``: evaluated only for a pack Snakemake schedules, not at every parse."""
     wc = Wildcards(fromdict=rule.get_wildcards(summary))
     inp = rule.expand_input(wc)[0]
-    return {"rule": rule.name, "out_dir": os.path.dirname(summary), "log": str(rule.expand_log(wc)[0]),
-            "input": {k: _paths(v) for k, v in inp.items()}, "output": [str(o) for o in rule.expand_output(wc)[0]]}
+    job = {"rule": rule.name, "out_dir": os.path.dirname(summary), "log": str(rule.expand_log(wc)[0]),
+           "input": {k: _paths(v) for k, v in inp.items()}, "output": [str(o) for o in rule.expand_output(wc)[0]]}
+    return job, rule.expand_priority(wc, inp, 1)
 
 
 def member_params(rule, summary):
@@ -151,12 +153,6 @@ def pack_members(rule, members):
                                           for m in members])
 
 
-def member_priority(rule, summary):
-    """The scheduling priority one run of ``rule`` would have in its own job (the rule's ``priority:``)."""
-    wc = Wildcards(fromdict=rule.get_wildcards(summary))
-    return rule.expand_priority(wc, rule.expand_input(wc)[0], 1)
-
-
 def run_packs():
     """Every pack of every packable rule (``adaptlab.packs.plan``), each with its members' jobs and its priority:
     its highest member's (a pack holding a run that goes first goes first)."""
@@ -167,6 +163,6 @@ def run_packs():
             if rule.is_producer(path):
                 members[rid] = rule.get_wildcards(path)
         for pack in plan_packs(rule.name, members, by, size, fuse):
-            out.append((pack, [member_job(rule, summary_file(rid)) for rid in pack.members],
-                        max(member_priority(rule, summary_file(rid)) for rid in pack.members)))
+            jobs, priorities = zip(*(member_job(rule, summary_file(rid)) for rid in pack.members))
+            out.append((pack, list(jobs), max(priorities)))
     return out
