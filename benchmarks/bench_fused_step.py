@@ -3,7 +3,8 @@
     python benchmarks/bench_fused_step.py [--steps 300] [--groups 3,6,11] [--device cpu]
 
 The models are ``configs/cpu.yaml``'s continual MLP (3 × 128, 64 inputs) and tiny ViT (width 32, 2 blocks, 16
-tokens of 2×2 pixels) on 8×8 single-channel inputs with 10 random labels, batch 64, Adam at lr 3e-3, each step
+tokens of 2×2 pixels) on 8×8 single-channel inputs with 10 random labels, the preset's batch (32) and fused Adam
+kernel (``fused_adam``), Adam at lr 3e-3, each step
 through the loop's own group methods (set_lr, the vmapped loss with online accuracy, backward and grad norm, the
 optimizer step): what ``fit`` does per step, without evaluation or logging. Printed: ms per step for the group
 and per run, and the per-run speed-up over the run alone, all measured in this one invocation.
@@ -36,10 +37,10 @@ def _model(kind: str, seed: int) -> torch.nn.Module:
     return build_model(MODELS[kind], 64, 8, 10)
 
 
-def ms_per_step(group, steps: int) -> float:
+def ms_per_step(group, steps: int, batch: int = 32) -> float:
     def step(s: int) -> None:
         group.set_lr(1.0)
-        loss, values = group.losses(s, 64)
+        loss, values = group.losses(s, batch)
         group.backward_clip(loss, values, math.inf)
         group.step([True] * group.n)
 
@@ -61,20 +62,21 @@ def main() -> None:
     ap.add_argument("--groups", default="3,6,11", help="fused group sizes (runs)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = train_config({"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0, "clip_grad": None, "steps": args.steps,
-                        "batch_size": 64, "warmup_steps": 0, "min_lr_factor": 1.0})
+                        "batch_size": args.batch, "warmup_steps": 0, "min_lr_factor": 1.0, "fused_adam": True})
     print(f"{'model':5s} {'runs':>4s} {'ms/step':>8s} {'ms/step/run':>12s} {'speed-up':>9s}  ({device}, "
           f"{args.threads} thread(s))")
     for kind in MODELS:
-        alone = ms_per_step(OneRun(_model(kind, 0), _task(0, device), cfg, device), args.steps)
+        alone = ms_per_step(OneRun(_model(kind, 0), _task(0, device), cfg, device), args.steps, args.batch)
         print(f"{kind:5s} {1:4d} {alone:8.3f} {alone:12.3f} {1.0:8.2f}x", flush=True)
         for n in map(int, args.groups.split(",")):
             group = FusedRuns([_model(kind, s) for s in range(n)], [_task(s, device) for s in range(n)],
                               [3e-3] * n, cfg, device)
-            ms = ms_per_step(group, args.steps)
+            ms = ms_per_step(group, args.steps, args.batch)
             print(f"{kind:5s} {n:4d} {ms:8.3f} {ms / n:12.3f} {alone / (ms / n):8.2f}x", flush=True)
 
 

@@ -101,20 +101,51 @@ def test_stacked_adamo_steps_each_run_as_adamo_alone():
         stacked(50.0)
     cfg = train_config({"optimizer": "adamo", "isometry_lambda": 0.5, "weight_decay": 0.1})
     for r in range(n):
-        named = [(k, torch.nn.Parameter(init[k][r].clone())) for k in shapes if masks[k][r]]
-        alone = build_optimizer(named, {**cfg, "lr": lrs[r]})
-        for g in grads:
-            for k, p in named:
-                p.grad = g[k][r].clone()
-            alone.step()
-        for k, p in named:
-            assert torch.allclose(fused[k][r], p.detach(), atol=1e-6, rtol=1e-5), (r, k)
+        _assert_steps_as_alone(fused, init, grads, r, [k for k in shapes if masks[k][r]], {**cfg, "lr": lrs[r]})
         if r == 2:
             assert torch.equal(fused["blocks.0.mlp.fc1.weight"][2], init["blocks.0.mlp.fc1.weight"][2])
     # the isometry step is what moved them: the regularised matrices, not the bias or the excluded head
     for k in shapes:
         moved = (fused[k] - plain_adam[k]).abs().max().item()
         assert (moved > 1e-3) if k.endswith("weight") and not k.startswith("head") else moved == 0, k
+
+
+@pytest.mark.parametrize("optimizer,extra", [("adam", {"weight_decay": 0.01}), ("adamw", {"weight_decay": 0.1}),
+                                             ("adamo", {"isometry_lambda": 0.5})])
+def test_stacked_adam_at_one_lr_takes_the_fused_kernel_and_steps_each_run_as_alone(optimizer, extra, monkeypatch):
+    """Every run at one lr, training every tensor: the stacked optimizer steps the whole stack in torch's fused Adam
+    kernel (the isometry step apart), and each run's slice moves as that optimizer alone moves the run."""
+    torch.manual_seed(1)
+    shapes = {k: tuple(p.shape) for k, p in _blocks_and_head().named_parameters()}
+    n, lr = 3, 0.02
+    init = {k: torch.randn(n, *s) * 0.4 for k, s in shapes.items()}
+    grads = [{k: torch.randn(n, *s) for k, s in shapes.items()} for _ in range(5)]
+    cfg = train_config({"optimizer": optimizer, **extra})
+    params = {k: v.clone() for k, v in init.items()}
+    opt = StackedOptimizer(params, {k: torch.ones(n, dtype=torch.bool) for k in shapes}, torch.full((n,), lr), cfg,
+                           _isometry([_blocks_and_head()], cfg))
+    calls = []
+    fused_step = StackedOptimizer._fused_step
+    monkeypatch.setattr(StackedOptimizer, "_fused_step", lambda self: calls.append(1) or fused_step(self))
+    for g in grads:
+        for k, p in params.items():
+            p.grad = g[k].clone()
+        opt.step(torch.ones(n, dtype=torch.bool))
+    assert len(calls) == len(grads)
+    for r in range(n):
+        _assert_steps_as_alone(params, init, grads, r, list(shapes), {**cfg, "lr": lr})
+
+
+def _assert_steps_as_alone(stacked: dict, init: dict, grads: list[dict], r: int, names: list[str], cfg: dict) -> None:
+    """Run ``r``'s slice of ``stacked`` equals its tensors ``names`` stepped alone from ``init`` with ``grads``."""
+    named = [(k, torch.nn.Parameter(init[k][r].clone())) for k in names]
+    alone = build_optimizer(named, cfg)
+    for g in grads:
+        for k, p in named:
+            p.grad = g[k][r].clone()
+        alone.step()
+    for k, p in named:
+        assert torch.allclose(stacked[k][r], p.detach(), atol=1e-6, rtol=1e-5), (r, k)
 
 
 def _blocks_and_head() -> torch.nn.Module:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from adaptlab.config import validate_config
 from adaptlab.continual import specs as continual_specs
@@ -130,3 +131,68 @@ def test_a_stopped_fused_group_resumes_to_the_records_of_an_uninterrupted_one(tm
         for table in ("steps", "continual_task_metrics"):
             assert _table(Path(out), table) == _table(ref, table), table
         assert not (Path(out) / "ckpt.safetensors").exists()
+
+
+GROUPED_MODELS = {"mlp": {"kind": "mlp", "width": 16, "depth": 2},
+                  "vit": {"kind": "vit", "width": 8, "depth": 2, "num_heads": 2, "patch_size": 4, "mlp_ratio": 2.0}}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "vit"])
+def test_grouped_forward_and_step_equal_each_runs_model_and_the_vmapped_step(kind):
+    """The grouped forward (train.grouped) gives each run's own model output (float64, to rounding); a fused group's
+    step through it (losses, online accuracy, gradient norms and gradients, with the coupled-isometry term) equals
+    the vmap path's step."""
+    from adaptlab.config import train_config
+    from adaptlab.continual.bench import ContinualTask, build_model, make_regulariser
+    from adaptlab.train.fused import FusedRuns
+    from adaptlab.train.grouped import grouped_forward
+
+    def models(dtype):
+        out = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out.append(build_model(GROUPED_MODELS[kind], 64, 8, 10).to(dtype))
+        return out
+
+    runs64 = models(torch.float64)
+    forward = grouped_forward(runs64[0])
+    assert forward is not None
+    stacked = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in runs64]) for k, _ in
+               runs64[0].named_parameters()}
+    x = torch.randn(3, 5, 1, 8, 8, dtype=torch.float64)
+    want = torch.stack([m(x[r]) for r, m in enumerate(runs64)])
+    assert torch.allclose(forward(runs64[0], stacked, x), want, rtol=1e-10, atol=1e-12)
+
+    cfg = train_config({"optimizer": "adam", "lr": 1e-3})
+    method = {"coupled_lambda": 0.05, "l2_init": None, "isometry_scale": 1.0}
+    runs = models(torch.float32)
+    tasks = []
+    for seed, m in enumerate(runs):
+        g = torch.Generator().manual_seed(seed)
+        reg = make_regulariser(method, m, cfg["isometry_patterns"], cfg["isometry_exclude"])
+        tasks.append(ContinualTask(torch.randn(40, 64, generator=g), torch.randint(10, (40,), generator=g), None,
+                                   seed, 0, 8, reg))
+    group = FusedRuns(runs, tasks, [1e-3] * 3, cfg, torch.device("cpu"))
+    assert group._grouped_loss
+    results = []
+    for grouped in (True, False):
+        group._grouped_loss = grouped
+        loss, values = group.losses(0, 16)
+        norms = group.backward_clip(loss, values, math.inf)
+        results.append((values, norms, {k: p.grad.clone() for k, p in group.params.items()}))
+    (v_g, n_g, g_g), (v_v, n_v, g_v) = results
+    assert v_g == pytest.approx(v_v, rel=1e-5) and n_g == pytest.approx(n_v, rel=1e-5)
+    assert all(t.online[0] == t.online[1] for t in tasks)  # the same batch accuracies
+    for k in g_g:
+        assert torch.allclose(g_g[k], g_v[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_a_model_the_grouped_forward_does_not_cover_takes_the_vmap_path():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from adaptlab.train.grouped import grouped_forward
+
+    with_class_token = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8, depth=1,
+                                         num_heads=2)
+    assert grouped_forward(with_class_token) is None
+    assert grouped_forward(torch.nn.Linear(3, 2)) is None  # no grouped form registered

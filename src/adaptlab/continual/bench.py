@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adaptlab.train import grouped
 from adaptlab.train.adamo import coupled_isometry_loss
 
 
@@ -107,6 +108,16 @@ def image_shape(shape) -> tuple[int, int, int] | None:
     return (1, shape, shape) if isinstance(shape, int) else tuple(shape)
 
 
+class _Weights:
+    """One run's weights (a slice of a fused group's stacked ones) where a regulariser reads a model's."""
+
+    def __init__(self, params: dict):
+        self.params = params
+
+    def named_parameters(self):
+        return iter(self.params.items())
+
+
 class ContinualTask:
     """One task of a sequence for the shared loop ``adaptlab.train.loop.fit``.
 
@@ -133,6 +144,22 @@ class ContinualTask:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.task) * 1_000_003 + step)
         idx = torch.randint(len(self.y), (batch_size,), generator=g)
         return self.x[idx], self.y[idx]
+
+    @staticmethod
+    def model_input(batch):
+        """What the loss feeds the model (a fused pack's grouped forward computes it for all runs at once)."""
+        return batch[0]
+
+    def grouped_loss_and_aux(self, logits: torch.Tensor, batch, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``loss_and_aux`` of R fused runs from their stacked logits (R, B, C), labels (R, B) and stacked weights
+        (the regulariser, over every run's slice at once): (losses, batch accuracies), each (R,)."""
+        y = batch[1]
+        r, b, c = logits.shape
+        loss = F.cross_entropy(logits.reshape(r * b, c), y.reshape(-1), reduction="none").view(r, b).mean(1)
+        acc = (logits.argmax(-1) == y).float().mean(1)
+        if self.regulariser is not None:
+            loss = loss + self.regulariser(_Weights(params), batch_dims=1)
+        return loss, acc
 
     def loss_and_aux(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, the batch accuracy): no host sync, so that fused runs can vmap it (``train.fused.FusedRuns``)."""
@@ -233,6 +260,15 @@ class MLP(nn.Module):
         return [(f"layers.{i}", a, l, o) for i, (a, l, o) in enumerate(zip(self.acts, self.layers, outs))]
 
 
+@grouped.register(MLP)
+def _mlp_grouped(mlp: MLP, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits (R, B, classes) of R stacked MLPs on x (R, B, ...): a fused run pack's forward (train.grouped)."""
+    h = x.flatten(2)
+    for i, act in enumerate(mlp.acts):
+        h = act(grouped.linear(h, p[f"layers.{i}.weight"], p[f"layers.{i}.bias"]))
+    return grouped.linear(h, p["head.weight"], p["head.bias"])
+
+
 def build_model(model_cfg: dict, in_dim: int, image_side, classes: int) -> nn.Module:
     """``image_side``: the shape value of ``load_inputs`` (a ViT needs an image)."""
     if model_cfg["kind"] == "mlp":
@@ -261,14 +297,21 @@ def make_regulariser(method: dict, model: nn.Module, patterns, exclude):
     terms = []
     if method["coupled_lambda"]:
         lam, scale = method["coupled_lambda"], method["isometry_scale"]
-        terms.append(lambda m: coupled_isometry_loss(m.named_parameters(), lam, scale, patterns, exclude))
+        terms.append(lambda m, batch_dims=0: coupled_isometry_loss(m.named_parameters(), lam, scale, patterns, exclude,
+                                                                   batch_dims=batch_dims))
     if method["l2_init"]:
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         lam = method["l2_init"]
-        terms.append(lambda m: lam * sum(((p - init[n]) ** 2).sum() for n, p in m.named_parameters()))
+
+        def l2_init(m, batch_dims=0):
+            if batch_dims:  # θ₀ is one run's own: L2-init never trains fused (run.fuse_key)
+                raise ValueError("the L2-init term holds one run's initial weights; it cannot take stacked runs")
+            return lam * sum(((p - init[n]) ** 2).sum() for n, p in m.named_parameters())
+        terms.append(l2_init)
     if not terms:
         return None
-    return lambda m: sum(t(m) for t in terms)
+    # batch_dims=1: ``m``'s weights are a fused group's, stacked along a leading run dimension; one value per run
+    return lambda m, batch_dims=0: sum(t(m, batch_dims) for t in terms)
 
 
 @torch.no_grad()

@@ -103,15 +103,16 @@ def warn_unstable(coeff: float, sigma2: float, scale: float) -> bool:
     return True
 
 
-def isometry_penalty(w: torch.Tensor, scale: float = 1.0, split: int = 1) -> torch.Tensor:
-    """R(W) = Σ_blocks ‖G − sI‖²_F on the smaller Gram of each block; differentiable (the coupled variant)."""
-    m = _as_matrix(w)
+def isometry_penalty(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_dims: int = 0) -> torch.Tensor:
+    """R(W) = Σ_blocks ‖G − sI‖²_F on the smaller Gram of each block; differentiable (the coupled variant).
+    ``batch_dims``: leading dimensions that index independent weights (fused runs): one R per weight."""
+    m = w.reshape(*w.shape[:batch_dims + 1], -1)  # (…, C_out, −1), as _as_matrix
     m = m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
-    total = m.new_zeros(())
-    for b in (m.chunk(split, dim=0) if split > 1 else (m,)):
-        gram = b.T @ b if b.shape[0] >= b.shape[1] else b @ b.T
-        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        total = total + ((gram - scale * eye) ** 2).sum()
+    total = m.new_zeros(m.shape[:batch_dims])
+    for b in (m.chunk(split, dim=batch_dims) if split > 1 else (m,)):
+        gram = b.mT @ b if b.shape[-2] >= b.shape[-1] else b @ b.mT
+        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+        total = total + ((gram - scale * eye) ** 2).sum((-2, -1))
     return total
 
 
@@ -181,13 +182,15 @@ def isometry_param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]]
 
 def coupled_isometry_loss(named_params: Iterable[tuple[str, torch.nn.Parameter]], isometry_lambda: float,
                           scale: float = 1.0, patterns=DEFAULT_PATTERNS, exclude=DEFAULT_EXCLUDE,
-                          splits: dict[str, int] | None = None) -> torch.Tensor:
-    """λ·Σ R(W) over the selected tensors: add it to the task loss for the coupled ("plain") variant."""
+                          splits: dict[str, int] | None = None, batch_dims: int = 0) -> torch.Tensor:
+    """λ·Σ R(W) over the selected tensors: add it to the task loss for the coupled ("plain") variant.
+    ``batch_dims``: leading dimensions of every tensor that index independent models (a fused group's runs): one
+    value per model."""
     named = list(named_params)
     lam = _check_lambda(isometry_lambda, "coupled_isometry_loss")
-    chosen = select_isometry(named, patterns, exclude, splits)
-    terms = [isometry_penalty(p, scale, chosen[n]) for n, p in named if n in chosen]
-    return lam * torch.stack(terms).sum() if terms else torch.zeros(())
+    chosen = select_isometry([(n, p[(0,) * batch_dims]) for n, p in named], patterns, exclude, splits)
+    terms = [isometry_penalty(p, scale, chosen[n], batch_dims) for n, p in named if n in chosen]
+    return lam * torch.stack(terms).sum(0) if terms else torch.zeros(named[0][1].shape[:batch_dims] if named else ())
 
 
 class AdamO(torch.optim.Optimizer):

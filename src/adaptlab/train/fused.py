@@ -29,6 +29,7 @@ from torch.func import functional_call, vmap
 
 from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
 from adaptlab.train.device import autocast
+from adaptlab.train.grouped import grouped_forward
 
 FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "adamo")
 
@@ -74,10 +75,13 @@ class StackedOptimizer:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.t = 0
         self._warned = False
+        self._all_trainable: bool | None = None
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
         cfg, self.t = self.cfg, self.t + 1
+        if self.kind != "sgd" and self._uniform(active):
+            return self._fused_step()
         for name, p in self.params.items():
             if p.grad is None:
                 continue
@@ -113,6 +117,39 @@ class StackedOptimizer:
                 if iso is not None:
                     new = new - iso
             p.copy_(torch.where(keep, new, p))
+
+    def all_trainable(self) -> bool:
+        """Every run trains every tensor (nothing to mask)."""
+        if self._all_trainable is None:
+            self._all_trainable = all(bool(m.all()) for m in self.masks.values())
+        return self._all_trainable
+
+    def _uniform(self, active: torch.Tensor) -> bool:
+        """Every run active, training every tensor, at one lr: the update is Adam's on the stacked tensors as they are."""
+        return self.all_trainable() and bool(active.all()) and bool((self.lr == self.lr[0]).all())
+
+    def _fused_step(self) -> None:
+        """Adam/AdamW/AdamO on the stacked tensors in torch's fused kernel (one call; the same per-element formula
+        as the masked update below, an elementwise update being the same on a stack as on each run's slice)."""
+        cfg, lr = self.cfg, self.lr[0].item()
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        params = [self.params[n] for n in names]
+        iso = {n: self._isometry_step(n, self.params[n], per_run(self.lr, self.params[n])) for n in names
+               if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
+        for n, p in zip(names, params):
+            st = self.state.setdefault(n, {})
+            st.setdefault("exp_avg", torch.zeros_like(p))
+            st.setdefault("exp_avg_sq", torch.zeros_like(p))
+        wd = 0.0 if self.kind == "adamo" else cfg["weight_decay"]
+        kernel = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
+        step = torch.tensor(float(self.t), device=params[0].device)
+        b1, b2 = cfg["betas"]
+        kernel(params, [p.grad for p in params], [self.state[n]["exp_avg"] for n in names],
+               [self.state[n]["exp_avg_sq"] for n in names], [], [step] * len(params), lr=lr, beta1=b1, beta2=b2,
+               weight_decay=wd, eps=cfg["eps"], amsgrad=False, maximize=False)
+        for n, d in iso.items():
+            if d is not None:
+                self.params[n].sub_(d)
 
     def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
         """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr)."""
@@ -162,7 +199,11 @@ class FusedRuns:
     A group can go on through several ``fit`` calls (a continual sequence: ``set_tasks`` between them; the
     optimizer moments carry over); a run ``retire``d there takes no more steps. A task class may define
     ``loss_and_aux(model, batch) -> (loss, aux)`` and ``take_aux(value)``: the per-run scalar ``aux`` (continual's
-    online accuracy) is computed in the batched loss and handed to each run's task after the step's forward."""
+    online accuracy) is computed in the batched loss and handed to each run's task after the step's forward.
+
+    When the model has a grouped forward (``train.grouped``) and the task class defines ``model_input(batch)`` and
+    ``grouped_loss_and_aux(outputs, batch, params) -> (losses, aux)`` (the same formulas over the runs' stacked
+    outputs, one value per run), the group's step runs them instead of vmap: one op per layer for all runs."""
 
     fused = True
 
@@ -185,6 +226,7 @@ class FusedRuns:
                        for k in named[0]}
         self.buffers = {k: torch.stack([dict(m.named_buffers())[k] for m in models]) for k, _ in models[0].named_buffers()}
         self.base = copy.deepcopy(models[0]).to("meta")
+        self.grouped = grouped_forward(self.base)  # one op per layer for all runs (train.grouped), else vmap
         for mod in self.base.modules():  # scaled_dot_product_attention has no vmap rule on CPU: the explicit form
             if hasattr(mod, "fused_attn"):
                 mod.fused_attn = False
@@ -198,6 +240,8 @@ class FusedRuns:
         self._aux = hasattr(type(tasks[0]), "loss_and_aux")
         loss = type(tasks[0]).loss_and_aux if self._aux else type(tasks[0]).loss
         self._losses = vmap(lambda p, b, batch: loss(tasks[0], _Bound(self.base, p, b), batch))
+        # grouped: the model's outputs for all runs at once (train.grouped), and the task's losses from them
+        self._grouped_loss = self.grouped is not None and hasattr(type(tasks[0]), "grouped_loss_and_aux")
 
     def retire(self, r: int) -> None:
         """Run ``r`` takes no more steps in later ``fit`` calls (its sequence ended): its loss reads as NaN, so each
@@ -211,8 +255,13 @@ class FusedRuns:
     def losses(self, step: int, batch_size: int):
         batch = _stack([t.train_batch(step, batch_size) for t in self.tasks])
         with autocast(self.device):
-            loss = self._losses(self.params, self.buffers, batch)
-        if self._aux:
+            if self._grouped_loss:
+                task = self.tasks[0]
+                loss = task.grouped_loss_and_aux(self.grouped(self.base, self.params, task.model_input(batch)), batch,
+                                                 self.params)
+            else:
+                loss = self._losses(self.params, self.buffers, batch)
+        if self._aux or self._grouped_loss:
             loss, aux = loss
             for task, value in zip(self.tasks, aux.detach().float().tolist()):
                 task.take_aux(value)
@@ -224,19 +273,27 @@ class FusedRuns:
         for p in self.params.values():
             p.grad = None
         torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        values_ok = ok.tolist()
+        if all(values_ok) and self.opt.all_trainable():  # nothing to mask: one norm per run
+            total = torch.linalg.vector_norm(torch.cat([g.flatten(1) for g in grads], 1), dim=1)
+            return self._clipped(total, clip, values_ok)
         norms = []
         for name, p in self.params.items():
             if p.grad is not None:  # frozen in a run: no gradient there (a diverged run's NaN stays out too)
                 keep = per_run(self.masks[name] & ok, p)
                 p.grad = torch.where(keep, p.grad, torch.zeros_like(p.grad))
                 norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1))
-        total = torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+        return self._clipped(torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1), clip, values_ok)
+
+    def _clipped(self, total: torch.Tensor, clip: float, ok: list[bool]) -> list[float]:
+        """Scale each run's gradients to norm ≤ ``clip``; the pre-clip norms (NaN for a run not stepping)."""
         if clip != math.inf:  # no clipping: the norms alone (a rescale by 1 changes nothing)
             coef = torch.clamp(clip / (total + 1e-6), max=1.0)
             for p in self.params.values():
                 if p.grad is not None:
                     p.grad.mul_(per_run(coef, p))
-        return [n if o else float("nan") for n, o in zip(total.tolist(), ok.tolist())]
+        return [n if o else float("nan") for n, o in zip(total.tolist(), ok)]
 
     def step(self, active: list[bool]) -> None:
         self.opt.step(torch.tensor(active, device=self.device))

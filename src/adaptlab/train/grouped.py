@@ -1,0 +1,127 @@
+"""Grouped forwards (HFTA style): a model's forward over R runs' stacked weights, each op once for all runs.
+
+``train.fused.FusedRuns`` trains same-shape runs as one batched model. Its general path vmaps a functional call of
+the template module; for tiny models that is slow on the CPU: every op goes through vmap's batching layer, and
+``functional_call`` swaps every parameter in and out on each call. A model whose forward is written here over
+stacked weights (``(R, *shape)`` per tensor, the runs' inputs stacked as ``(R, B, ...)``) trains with one op per
+layer for the whole group: a Linear is one ``baddbmm``, attention one ``scaled_dot_product_attention`` over the
+runs × batch, a LayerNorm one normalisation and one ``addcmul``. The maths is the module's own, so a run trained
+grouped matches its one-by-one twin within float rounding (tests/test_fused.py).
+
+Registry: ``register(cls, supports)(forward)``; ``grouped_forward(model)`` is the forward for a model, or None when
+its class has none or ``supports(model)`` says this instance uses a feature the grouped form does not implement
+(then the group takes the vmap path). Written by hand: HFTA (Wang et al., MLSys 2021) rewrites layers for its own
+benchmarks and is not a maintained library; torch.func has no grouped layers.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Forward = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+_REGISTRY: dict[type, tuple[Callable[[nn.Module], bool], Forward]] = {}
+
+
+def register(cls: type, supports: Callable[[nn.Module], bool] = lambda m: True):
+    """Decorator: ``forward(template, params, x)`` is the grouped forward of ``cls`` instances that ``supports``."""
+    def deco(fn: Forward) -> Forward:
+        _REGISTRY[cls] = (supports, fn)
+        return fn
+    return deco
+
+
+def grouped_forward(model: nn.Module) -> Forward | None:
+    if type(model).__module__.startswith("timm."):
+        _register_timm()  # here, not at import: timm costs seconds to import and MLP-only jobs never need it
+    entry = _REGISTRY.get(type(model))
+    if entry is None:
+        return None
+    try:
+        return entry[1] if entry[0](model) else None
+    except AttributeError:  # a variant of the class (another attention module, say) the check does not know
+        return None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """nn.Linear per run: x (R, ..., in), weight (R, out, in), bias (R, out) → (R, ..., out)."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    out = torch.bmm(flat, weight.transpose(1, 2)) if bias is None else \
+        torch.baddbmm(bias.unsqueeze(1), flat, weight.transpose(1, 2))
+    return out.view(*x.shape[:-1], weight.shape[1])
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """nn.LayerNorm over the last dimension per run: weight and bias (R, D)."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# timm's VisionTransformer, in the configuration the continual study builds (and any like it)
+
+
+def _plain_norm(m: nn.Module) -> bool:
+    """torch's LayerNorm (or timm's subclass on its default path) over the last dimension, with weight and bias."""
+    return (isinstance(m, nn.LayerNorm) and not getattr(m, "_fast_norm", False) and len(m.normalized_shape) == 1
+            and m.weight is not None and m.bias is not None)
+
+
+def _vit_supported(vit: nn.Module) -> bool:
+    """No class or register tokens, fixed image size, average pooling with fc_norm, plain pre-norm blocks (no layer
+    scale, drop path, dropout, q/k norm or attention-output norm), LayerNorms with affine weights and biases, and
+    an elementwise activation module in each MLP."""
+    idle = (nn.Identity, nn.Dropout)
+    dropless = all(m.p == 0 for m in vit.modules() if isinstance(m, nn.Dropout))
+    if not (dropless and vit.cls_token is None and vit.reg_token is None and not vit.dynamic_img_size
+            and vit.pos_embed is not None and vit.global_pool == "avg" and vit.attn_pool is None
+            and isinstance(vit.norm, nn.Identity)
+            and isinstance(vit.patch_embed.norm, nn.Identity) and isinstance(vit.patch_drop, idle)
+            and isinstance(vit.norm_pre, nn.Identity) and type(vit.patch_embed.proj) is nn.Conv2d
+            and vit.patch_embed.proj.kernel_size == vit.patch_embed.proj.stride
+            and vit.patch_embed.proj.padding == (0, 0) and vit.patch_embed.flatten):
+        return False
+    for b in vit.blocks:
+        a, mlp = b.attn, b.mlp
+        if not (all(isinstance(m, idle) for m in (b.ls1, b.ls2, b.drop_path1, b.drop_path2, a.q_norm, a.k_norm,
+                                                  a.norm, mlp.norm))
+                and _plain_norm(b.norm1) and _plain_norm(b.norm2)
+                and a.qkv.bias is not None and isinstance(mlp.act, (nn.ReLU, nn.GELU))
+                and abs(a.scale - a.head_dim ** -0.5) < 1e-12):
+            return False
+    return _plain_norm(vit.fc_norm) and type(vit.head) is nn.Linear
+
+
+def vit_forward(vit: nn.Module, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits (R, B, classes) of R stacked ViTs on images x (R, B, C, H, W)."""
+    proj = vit.patch_embed.proj
+    R, B, C, H, W = x.shape
+    ph, pw = proj.kernel_size
+    # the stride-equal-kernel convolution as a Linear over the flattened (C, ph, pw) patches, row-major patch order
+    patches = x.reshape(R, B, C, H // ph, ph, W // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)
+    patches = patches.reshape(R, B, (H // ph) * (W // pw), C * ph * pw)
+    w = p["patch_embed.proj.weight"]
+    h = linear(patches, w.reshape(R, w.shape[1], -1), p["patch_embed.proj.bias"]) + p["pos_embed"]
+    N, D = h.shape[2], h.shape[3]
+    for i, blk in enumerate(vit.blocks):
+        pre, a = f"blocks.{i}.", blk.attn
+        y = layer_norm(h, p[pre + "norm1.weight"], p[pre + "norm1.bias"], blk.norm1.eps)
+        qkv = linear(y, p[pre + "attn.qkv.weight"], p[pre + "attn.qkv.bias"])
+        q, k, v = qkv.reshape(R * B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(R, B, N, D)
+        h = h + linear(y, p[pre + "attn.proj.weight"], p[pre + "attn.proj.bias"])
+        y = layer_norm(h, p[pre + "norm2.weight"], p[pre + "norm2.bias"], blk.norm2.eps)
+        y = blk.mlp.act(linear(y, p[pre + "mlp.fc1.weight"], p[pre + "mlp.fc1.bias"]))
+        h = h + linear(y, p[pre + "mlp.fc2.weight"], p[pre + "mlp.fc2.bias"])
+    pooled = layer_norm(h.mean(2), p["fc_norm.weight"], p["fc_norm.bias"], vit.fc_norm.eps)
+    return linear(pooled, p["head.weight"], p.get("head.bias"))
+
+
+def _register_timm() -> None:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:  # timm is a dependency; without it there is no ViT to group
+        return
+    register(VisionTransformer, _vit_supported)(vit_forward)
