@@ -164,6 +164,36 @@ def _long_run_config(work: Path, steps: int = 1500, batch_size: int = 32) -> Pat
     return path
 
 
+def _steps_lasting(seconds: float) -> int:
+    """Steps of the long run (batch 256) that train for about ``seconds`` on this machine, from the rate of the same
+    timm ViT's bare training step here (the run's loop reached 0.85 of it on a 2-core machine): a test that needs a
+    run to outlast one time limit but not two must not depend on the machine's speed (machines here differ 2×)."""
+    import time
+
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=16, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+                              mlp_ratio=2.0)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    x, y = torch.randn(256, 3, 16, 16), torch.randint(10, (256,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the SLURM job's run
+    try:
+        for i in range(220):
+            if i == 20:
+                t = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        rate = 200 / (time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    return max(1500, min(60000, int(seconds * 0.85 * rate) // 3 * 3))
+
+
 def _target(work: Path) -> str:
     """The summary of the one run of grid ``long`` (a target: only it and its inputs run)."""
     (run,) = expand_runs(load_config(work / "configs" / "long.yaml"))
@@ -240,7 +270,8 @@ def test_a_timed_out_group_keeps_its_finished_member_and_resumes_the_other(clust
     Snakemake's order inside a group job is not fixed, and with unequal ones a long-first order never stops a
     finished member.)"""
     work = copy_workflow(tmp_path / "wf")
-    _long_run_config(work, 10000, 256)  # ~60 s of training each here
+    # each member trains ~85 s: more than half the group's 2-minute limit, less than all of it
+    _long_run_config(work, _steps_lasting(85), 256)
     cfg_path = work / "configs" / "long.yaml"
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["finetune"]["grids"]["long"]["seeds"] = [0, 1]
