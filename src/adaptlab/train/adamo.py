@@ -56,16 +56,17 @@ def stability_check_due(step: int) -> bool:
     return (step - 1) % STABILITY_EVERY == 0
 
 
-def _as_matrix(w: torch.Tensor) -> torch.Tensor:
-    """2-D view (C_out, −1) of a weight; conv kernels are flattened over (C_in, k_h, k_w)."""
-    return w.reshape(w.shape[0], -1)
+def _as_matrix(w: torch.Tensor, batch_dims: int = 0) -> torch.Tensor:
+    """View (…, C_out, −1) of a weight; conv kernels are flattened over (C_in, k_h, k_w). ``batch_dims`` leading
+    dimensions index independent weights (fused runs: the run dimension) and are kept."""
+    return w.reshape(*w.shape[:batch_dims + 1], -1)
 
 
 def isometry_grad(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_dims: int = 0) -> torch.Tensor:
     """∇R(W) in at least float32, same shape as ``w``; ``split`` > 1 treats ``w`` as that many stacked row blocks.
     ``batch_dims``: leading dimensions that index independent weights (fused runs: the run dimension)."""
     out_shape = w.shape
-    w32 = w.detach().reshape(*w.shape[:batch_dims + 1], -1)  # (…, C_out, −1), as _as_matrix
+    w32 = _as_matrix(w.detach(), batch_dims)
     if w32.dtype in (torch.float16, torch.bfloat16):  # the Gram in at least float32
         w32 = w32.float()
     blocks = w32.chunk(split, dim=batch_dims) if split > 1 else (w32,)
@@ -87,7 +88,7 @@ def isometry_grad(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_dim
 def sigma_max_sq_bound(w: torch.Tensor, batch_dims: int = 0) -> float:
     """A cheap lower bound of σ_max² of W (the largest over the batch): the largest squared column norm of a tall W
     (the diagonal of WᵀW), row norm of a wide W. No SVD."""
-    m = w.detach().reshape(*w.shape[:batch_dims + 1], -1).float()
+    m = _as_matrix(w.detach(), batch_dims).float()
     dim = -2 if m.shape[-2] >= m.shape[-1] else -1
     return m.pow(2).sum(dim=dim).max().item()
 
@@ -106,7 +107,7 @@ def warn_unstable(coeff: float, sigma2: float, scale: float) -> bool:
 def isometry_penalty(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_dims: int = 0) -> torch.Tensor:
     """R(W) = Σ_blocks ‖G − sI‖²_F on the smaller Gram of each block; differentiable (the coupled variant).
     ``batch_dims``: leading dimensions that index independent weights (fused runs): one R per weight."""
-    m = w.reshape(*w.shape[:batch_dims + 1], -1)  # (…, C_out, −1), as _as_matrix
+    m = _as_matrix(w, batch_dims)
     m = m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
     total = m.new_zeros(m.shape[:batch_dims])
     for b in (m.chunk(split, dim=batch_dims) if split > 1 else (m,)):

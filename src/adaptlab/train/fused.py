@@ -134,7 +134,7 @@ class StackedOptimizer:
         cfg, lr = self.cfg, self.lr[0].item()
         names = [n for n, p in self.params.items() if p.grad is not None]
         params = [self.params[n] for n in names]
-        iso = {n: self._isometry_step(n, self.params[n], per_run(self.lr, self.params[n])) for n in names
+        iso = {n: self._isometry_step(n, p, per_run(self.lr, p)) for n, p in zip(names, params)
                if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
         for n, p in zip(names, params):
             st = self.state.setdefault(n, {})
@@ -273,10 +273,10 @@ class FusedRuns:
         for p in self.params.values():
             p.grad = None
         torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
         values_ok = ok.tolist()
         if all(values_ok) and self.opt.all_trainable():  # nothing to mask: one norm per run
-            total = torch.linalg.vector_norm(torch.cat([g.flatten(1) for g in grads], 1), dim=1)
+            grads = [p.grad.flatten(1) for p in self.params.values() if p.grad is not None]
+            total = torch.linalg.vector_norm(torch.cat(grads, 1), dim=1)
             return self._clipped(total, clip, values_ok)
         norms = []
         for name, p in self.params.items():

@@ -6,7 +6,7 @@ the template module; for tiny models that is slow on the CPU: every op goes thro
 stacked weights (``(R, *shape)`` per tensor, the runs' inputs stacked as ``(R, B, ...)``) trains with one op per
 layer for the whole group: a Linear is one ``baddbmm``, attention one ``scaled_dot_product_attention`` over the
 runs × batch, a LayerNorm one normalisation and one ``addcmul``. The maths is the module's own, so a run trained
-grouped matches its one-by-one twin within float rounding (tests/test_fused.py).
+grouped matches its one-by-one twin within float rounding (tests/test_fused_continual.py).
 
 Registry: ``register(cls, supports)(forward)``; ``grouped_forward(model)`` is the forward for a model, or None when
 its class has none or ``supports(model)`` says this instance uses a feature the grouped form does not implement
