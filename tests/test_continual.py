@@ -50,17 +50,54 @@ def test_unit_and_spectral_metrics_on_constructed_networks():
     assert metrics.entk_condition(lin, xs) == pytest.approx((ev[-1] / ev[0]).item(), rel=1e-4)
 
 
-def test_entk_condition_of_a_multi_tensor_model_matches_the_full_jacobian():
-    """Θ is summed tensor by tensor; it must equal JJᵀ of the whole Jacobian, here built row by row with autograd."""
-    m, x = small_mlp(), torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+def _full_theta(m, x):
+    """JJᵀ of the whole Jacobian, built row by row with autograd (float64)."""
     params = list(m.parameters())
     out = m(x)
-    rows = [torch.cat([g.flatten() for g in torch.autograd.grad(out[i, c], params, retain_graph=True)])
+    rows = [torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in
+                       zip(torch.autograd.grad(out[i, c], params, retain_graph=True, allow_unused=True), params)])
             for i in range(out.shape[0]) for c in range(out.shape[1])]
     j = torch.stack(rows).double()
-    ev = torch.linalg.eigvalsh(j @ j.T).clamp_min(1e-12)
-    assert len(params) > 2
+    return j @ j.T
+
+
+def test_entk_condition_of_a_multi_tensor_model_matches_the_full_jacobian():
+    """Θ is summed tensor by tensor (the MLP's Linears in factored form); it must equal JJᵀ of the whole Jacobian."""
+    m, x = small_mlp(), torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    assert len(list(m.parameters())) > 2
+    assert metrics._linear_blocks(m, x)[1] == {n for n, _ in m.named_parameters()}
+    ev = torch.linalg.eigvalsh(_full_theta(m, x)).clamp_min(1e-12)
     assert metrics.entk_condition(m, x) == pytest.approx((ev[-1] / ev[0]).item(), rel=1e-6)
+
+
+class _Mixed(nn.Module):
+    """Linears the factored form must leave to the Jacobian: one whose output ReLU changes in place, one called
+    twice; a LayerNorm; only the head is factored."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.act, self.shared = nn.Linear(8, 16), nn.ReLU(inplace=True), nn.Linear(16, 16)
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.shared(torch.tanh(self.shared(self.act(self.inp(x)))))))
+
+
+@pytest.mark.parametrize("kind", ["mixed", "vit"])
+def test_entk_gram_with_factored_and_jacobian_blocks_equals_the_full_jacobian(kind):
+    torch.manual_seed(0)
+    if kind == "mixed":
+        m, x = _Mixed(), torch.randn(6, 8)
+    else:  # the study's ViT: its Linears see tokens (Jacobian path) except the head on the pooled features
+        m = bench.build_model({"kind": "vit", "width": 16, "depth": 1, "num_heads": 2, "patch_size": 2,
+                               "mlp_ratio": 2.0}, 16, 4, 3)
+        x = torch.randn(5, 1, 4, 4)
+    m.eval()
+    assert metrics._linear_blocks(m, x)[1] == {"head.weight", "head.bias"}
+    ref = _full_theta(m, x)
+    theta = metrics.entk_gram(m, x)
+    assert theta.dtype == torch.float64 and theta.shape == ref.shape
+    assert torch.allclose(theta, ref, rtol=1e-5, atol=1e-9 * ref.abs().max().item())
 
 
 def test_redo_resets_dormant_units_and_their_moments():

@@ -5,8 +5,8 @@
 - singular-value statistics of each regularised matrix (as in the port's ``sv_stats.py``): σ_max, σ_min,
   cond = σ_max / max(σ_min, 1e-10), effective rank exp(H(σ²/Σσ²)), Gram deviation ‖G − sI‖_F/√dim, ‖W‖_F.
 - feature rank of the penultimate features: effective rank and srank_δ (Kumar et al.), δ = 0.01.
-- empirical-NTK condition number κ = λ_max/λ_min of Θ = JJᵀ (n·C × n·C) with J from ``torch.func``
-  (vmap of jacrev over a functional call), in float64 with an eigenvalue floor of 1e-12.
+- empirical-NTK condition number κ = λ_max/λ_min of Θ = JJᵀ (n·C × n·C), in float64 with an eigenvalue floor
+  of 1e-12: a dense layer's block in factored form, every other tensor's from ``torch.func`` (vmap of jacrev).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import math
 import warnings
 
 import torch
+import torch.nn as nn
 from torch.func import functional_call, jacrev, vmap
 
 from adaptlab.train.adamo import gram_deviation
@@ -73,22 +74,85 @@ def feature_rank(features: torch.Tensor, delta: float = 0.01) -> dict[str, float
 
 def entk_condition(model, x: torch.Tensor) -> float:
     """κ(Θ) with Θ = JJᵀ over all parameters, J = ∂f(x)/∂θ for the n probe inputs × C logits."""
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    eig = torch.linalg.eigvalsh(entk_gram(model, x)).clamp_min(1e-12)
+    return (eig[-1] / eig[0]).item()
+
+
+def entk_gram(model, x: torch.Tensor) -> torch.Tensor:
+    """Θ (n·C × n·C, float64, row i·C + c for input i and logit c) of a model whose logits for one input depend on
+    that input alone (eval mode). An ``nn.Linear`` applied once to one vector per input gives its block in
+    factored form; every other tensor goes through ``torch.func``'s Jacobian."""
     was = model.training
     model.eval()
+    try:
+        theta, covered = _linear_blocks(model, x)
+        rest = {n: p.detach() for n, p in model.named_parameters() if n not in covered}
+        if rest:
+            part = _jacobian_blocks(model, rest, x)
+            theta = part if theta is None else theta + part
+    finally:
+        model.train(was)
+    return theta
 
+
+def _linear_blocks(model, x: torch.Tensor) -> tuple[torch.Tensor | None, set[str]]:
+    """Σ of the factored Θ blocks of the Linear layers fed one vector per input, and their parameter names.
+
+    For y = Wh + b, the row of J_W for (input i, logit c) is g_ic ⊗ h_i with g_ic = ∂f_c(x_i)/∂y_i, so
+    J_W J_Wᵀ = (GGᵀ) ⊙ (HHᵀ ⊗ 1_C) and J_b J_bᵀ = GGᵀ: (n·C)²·out work instead of (n·C)²·out·in (the NTK of
+    a dense layer written as in Novak et al., ICML 2022, "Fast finite width neural tangent kernel"; written here
+    because neural-tangents is a JAX library). A layer called twice, fed tokens, or whose output a later op
+    changes in place is left to the Jacobian path."""
+    seen: dict[str, list] = {}
+
+    def hook(module, inputs, output, name):
+        seen.setdefault(name, []).append((inputs[0], output, output._version))
+
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
+             for name, m in model.named_modules() if type(m) is nn.Linear]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = {name: calls[0] for name, calls in seen.items()
+              if len(calls) == 1 and calls[0][0].dim() == 2 and calls[0][1].requires_grad
+              and calls[0][1]._version == calls[0][2] and calls[0][0].shape[0] == x.shape[0]}
+    if not layers or logits.dim() != 2:
+        return None, set()
+    n, classes = logits.shape
+    outs = [y for _, y, _ in layers.values()]
+    # g for every logit c: one backward per logit (C is the number of classes, small)
+    grads = [torch.autograd.grad(logits[:, c].sum(), outs, retain_graph=c < classes - 1, allow_unused=True)
+             for c in range(classes)]
+    theta, covered = None, set()
+    for k, (name, (h, y, _)) in enumerate(layers.items()):
+        g = torch.stack([torch.zeros_like(y) if gc[k] is None else gc[k] for gc in grads], 1)  # (n, C, out)
+        g = g.detach().double().reshape(n * classes, -1)
+        h = h.detach().double()
+        module = model.get_submodule(name)
+        gg = g @ g.T
+        block = gg * (h @ h.T).repeat_interleave(classes, 0).repeat_interleave(classes, 1)
+        if module.bias is not None:
+            block += gg
+        theta = block if theta is None else theta + block
+        prefix = f"{name}." if name else ""
+        covered |= {prefix + p for p, _ in module.named_parameters()}
+    return theta, covered
+
+
+def _jacobian_blocks(model, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Σ_t J_t J_tᵀ over ``params`` with J from vmap(jacrev) of a functional call, each block in float64: the same
+    sum as one J of those tensors, without building it (a float64 copy of the whole J was half of the time)."""
     def f(p, xi):
-        return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
+        return functional_call(model, p, (xi.unsqueeze(0),), strict=False).squeeze(0)
 
     with warnings.catch_warnings():  # torch has no vmap rule for CPU flash attention: slower, still exact
         warnings.filterwarnings("ignore", message="There is a performance drop")
         jac = vmap(jacrev(f), in_dims=(None, 0))(params, x)  # {name: (n, C, *shape)}
-    model.train(was)
-    # Θ = Σ_tensors J_t J_tᵀ, each block in float64: the same sum as one J of all tensors, without building it
-    # (a float64 copy of the whole J was half of this function's time on the preset's MLP)
     theta = None
     for v in jac.values():
         j = v.reshape(v.shape[0] * v.shape[1], -1).double()
         theta = j @ j.T if theta is None else theta.addmm_(j, j.T)
-    eig = torch.linalg.eigvalsh(theta).clamp_min(1e-12)
-    return (eig[-1] / eig[0]).item()
+    return theta
