@@ -1,6 +1,6 @@
 """Milliseconds per training step and run: one continual run alone vs its seeds fused (``train.fused.FusedRuns``).
 
-    python benchmarks/bench_fused_step.py [--steps 300] [--groups 3,6,11] [--device cpu]
+    python benchmarks/bench_fused_step.py [--steps 300] [--groups 3,6,11] [--models mlp,vit] [--device cpu]
 
 The models are ``configs/cpu.yaml``'s continual MLP (3 × 128, 64 inputs) and tiny ViT (width 32, 2 blocks, 16
 tokens of 2×2 pixels) on 8×8 single-channel inputs with 10 random labels, the preset's batch (32) and fused Adam
@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--models", default=",".join(MODELS), help="which of " + ", ".join(MODELS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -70,7 +71,7 @@ def main() -> None:
                         "batch_size": args.batch, "warmup_steps": 0, "min_lr_factor": 1.0, "fused_adam": True})
     print(f"{'model':5s} {'runs':>4s} {'ms/step':>8s} {'ms/step/run':>12s} {'speed-up':>9s}  ({device}, "
           f"{args.threads} thread(s))")
-    for kind in MODELS:
+    for kind in args.models.split(","):
         alone = ms_per_step(OneRun(_model(kind, 0), _task(0, device), cfg, device), args.steps, args.batch)
         print(f"{kind:5s} {1:4d} {alone:8.3f} {alone:12.3f} {1.0:8.2f}x", flush=True)
         for n in map(int, args.groups.split(",")):

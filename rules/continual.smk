@@ -41,6 +41,6 @@ rule continual_runs:
 
 
 # `continual.pack: N`: up to N runs of one grid and benchmark in one job (rules/packs.smk); with `continual.fuse:
-# true` the seeds of one method in a pack train as one batched model
+# true` the runs of a pack that share a loss (continual.run.fuse_key) train as one batched model
 packable(rules.continual_run, {r: summary_file(r) for r in STUDY_SPECS["continual"]}, by=("cgrid", "cbench"),
          size=lambda wc: CFG["continual"]["pack"], fuse=lambda wc: CFG["continual"]["fuse"])

@@ -21,7 +21,8 @@ from adaptlab.data.store import load_dataset
 from adaptlab.records import TIMING_COLUMNS
 from adaptlab.runner import build_finetune, run_finetune, run_finetune_fused
 from adaptlab.config import train_config
-from adaptlab.train.fused import FusedRuns, StackedOptimizer, _isometry
+from adaptlab.train.fused import FusedRuns
+from adaptlab.train.stacked import StackedOptimizer, isometry_matrices
 from adaptlab.train.optim import build_optimizer
 from adaptlab.train.loop import fit
 from conftest import TINY_MODEL, make_run
@@ -87,7 +88,7 @@ def test_stacked_adamo_steps_each_run_as_adamo_alone():
     def stacked(lam: float) -> dict[str, torch.Tensor]:
         cfg = train_config({"optimizer": "adamo", "isometry_lambda": lam, "weight_decay": 0.1})  # AdamO ignores wd
         params = {k: v.clone() for k, v in init.items()}
-        opt = StackedOptimizer(params, masks, torch.tensor(lrs), cfg, _isometry([_blocks_and_head()], cfg))
+        opt = StackedOptimizer(params, masks, torch.tensor(lrs), cfg, isometry_matrices([_blocks_and_head()], [cfg]))
         for g in grads:
             for k, p in params.items():
                 p.grad = g[k].clone()
@@ -123,17 +124,50 @@ def test_stacked_adam_at_one_lr_takes_the_fused_kernel_and_steps_each_run_as_alo
     cfg = train_config({"optimizer": optimizer, **extra})
     params = {k: v.clone() for k, v in init.items()}
     opt = StackedOptimizer(params, {k: torch.ones(n, dtype=torch.bool) for k in shapes}, torch.full((n,), lr), cfg,
-                           _isometry([_blocks_and_head()], cfg))
+                           isometry_matrices([_blocks_and_head()], [cfg]))
+    assert _kernel_steps(opt, params, grads, monkeypatch) == len(grads)
+    for r in range(n):
+        _assert_steps_as_alone(params, init, grads, r, list(shapes), {**cfg, "lr": lr})
+
+
+@pytest.mark.parametrize("lrs", [[0.02] * 4, [0.01, 0.03, 0.02, 0.005]], ids=["kernel", "masked"])
+def test_a_stack_of_adam_adamw_and_adamo_runs_steps_each_run_as_its_own_optimizer(lrs, monkeypatch):
+    """Runs of one group with their own optimizer, decay and λ (a continual method grid fused across methods):
+    each slice moves as its optimizer alone moves the run, in the fused kernel (one lr) and the masked update."""
+    torch.manual_seed(2)
+    shapes = {k: tuple(p.shape) for k, p in _blocks_and_head().named_parameters()}
+    n = len(lrs)
+    runs = [train_config({"optimizer": "adam", "weight_decay": 0.01}), train_config({"optimizer": "adamw", "weight_decay": 0.1}),
+            train_config({"optimizer": "adamo", "isometry_lambda": 0.5, "weight_decay": 0.1}),
+            train_config({"optimizer": "adam", "weight_decay": 0.0})]
+    init = {k: torch.randn(n, *s) * 0.4 for k, s in shapes.items()}
+    grads = [{k: torch.randn(n, *s) for k, s in shapes.items()} for _ in range(5)]
+    params = {k: v.clone() for k, v in init.items()}
+    opt = StackedOptimizer(params, {k: torch.ones(n, dtype=torch.bool) for k in shapes}, torch.tensor(lrs), runs[0],
+                           isometry_matrices([_blocks_and_head()] * n, runs), runs)
+    assert _kernel_steps(opt, params, grads, monkeypatch) == (len(grads) if len(set(lrs)) == 1 else 0)
+    for r in range(n):
+        _assert_steps_as_alone(params, init, grads, r, list(shapes), {**runs[r], "lr": lrs[r]})
+
+
+def test_a_group_mixing_sgd_with_adam_or_other_training_values_is_refused():
+    sgd, adam = train_config({"optimizer": "sgd"}), train_config({"optimizer": "adam"})
+    with pytest.raises(ValueError, match="mix the optimizers"):
+        StackedOptimizer({}, {}, torch.ones(2), sgd, None, [sgd, adam])
+    with pytest.raises(ValueError, match="'clip_grad'"):
+        StackedOptimizer({}, {}, torch.ones(2), adam, None, [adam, {**adam, "clip_grad": 0.5}])
+
+
+def _kernel_steps(opt: StackedOptimizer, params: dict, grads: list[dict], monkeypatch) -> int:
+    """Step ``opt`` once per gradient set, every run active; how many steps took the fused kernel."""
     calls = []
     fused_step = StackedOptimizer._fused_step
     monkeypatch.setattr(StackedOptimizer, "_fused_step", lambda self: calls.append(1) or fused_step(self))
     for g in grads:
         for k, p in params.items():
             p.grad = g[k].clone()
-        opt.step(torch.ones(n, dtype=torch.bool))
-    assert len(calls) == len(grads)
-    for r in range(n):
-        _assert_steps_as_alone(params, init, grads, r, list(shapes), {**cfg, "lr": lr})
+        opt.step(torch.ones(len(opt.lr), dtype=torch.bool))
+    return len(calls)
 
 
 def _assert_steps_as_alone(stacked: dict, init: dict, grads: list[dict], r: int, names: list[str], cfg: dict) -> None:

@@ -1,5 +1,6 @@
-"""Fused continual sequences (adaptlab.continual.run.run_continual_fused): the seeds of one method go through their
-task sequences in step as one batched model. Each test compares with the same runs trained one by one
+"""Fused continual sequences (adaptlab.continual.run.run_continual_fused): runs that share a loss (the seeds of one
+method, and methods that differ in optimizer, decay, λ or task-boundary change) go through their task sequences in
+step as one batched model. Each test compares with the same runs trained one by one
 (``run_continual``) or checks a per-run invariant: equal records within float tolerance (Adam, AdamO, coupled
 isometry, ReDo, Shrink & Perturb; MLP and ViT), divergence per run, SIGKILL/SIGTERM resume, fuse keys."""
 from __future__ import annotations
@@ -25,7 +26,8 @@ from test_preemption import CONTINUAL_JOB, TESTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = {**CONTINUAL["methods"], "coupled": {"optimizer": "adam", "coupled_lambda": 0.05},
-           "l2": {"optimizer": "adam", "l2_init": 0.01}}
+           "l2": {"optimizer": "adam", "l2_init": 0.01}, "adamw": {"optimizer": "adamw", "weight_decay": 0.1},
+           "adam_l2": {"optimizer": "adam", "weight_decay": 0.01}}
 
 
 def _specs(grid: dict) -> dict[str, list[dict]]:
@@ -85,12 +87,31 @@ def test_fused_sequences_equal_one_by_one(tmp_path, grid):
             assert not (f / "ckpt.safetensors").exists() and not (f / "fit" / "ckpt.safetensors").exists()
 
 
-def test_fuse_keys_group_the_seeds_of_one_method():
-    specs = _specs({**MLP_GRID, "methods": ["adam", "adamo", "redo", "l2"]})
+def test_fuse_keys_group_the_methods_that_share_a_loss():
+    specs = _specs({**MLP_GRID, "methods": ["adam", "adamw", "adam_l2", "adamo", "redo", "snp", "coupled", "l2"]})
     keys = {m: {fuse_key(s) for s in ss} for m, ss in specs.items()}
     assert all(len(k) == 1 for k in keys.values())  # seeds share their method's key
     assert keys["l2"] == {None}  # L2-init's loss term holds the run's own initial weights: trains alone
-    assert len({next(iter(k)) for m, k in keys.items() if m != "l2"}) == 3
+    # plain cross-entropy fuses across methods (optimizer, decay, λ, boundary change per run); the coupled
+    # isometry term changes the loss
+    assert len({next(iter(keys[m])) for m in ("adam", "adamw", "adam_l2", "adamo", "redo", "snp")}) == 1
+    assert next(iter(keys["coupled"])) != next(iter(keys["adam"]))
+
+
+def test_a_group_across_methods_equals_its_runs_one_by_one(tmp_path):
+    """Adam, AdamW, Adam + L2, AdamO, ReDo and Shrink & Perturb runs as one fused group: each run's own
+    optimizer, decay, λ and task-boundary change, the records of each run trained alone."""
+    by_method = _specs({**MLP_GRID, "methods": ["adam", "adamw", "adam_l2", "adamo", "redo", "snp"], "seeds": [0, 1]})
+    specs = [s for ss in by_method.values() for s in ss]
+    assert len({fuse_key(s) for s in specs}) == 1
+    alone = [tmp_path / "a" / s["run_id"] for s in specs]
+    fused = [tmp_path / "f" / s["run_id"] for s in specs]
+    for s, out in zip(specs, alone):
+        assert run_continual(s, out, on_error="raise")["status"] == "ok"
+    rows = run_continual_fused(specs, fused, on_error="raise", device="cpu")
+    assert [r["status"] for r in rows] == ["ok"] * len(specs)
+    for a, f in zip(alone, fused):
+        _assert_same_records(a, f)
 
 
 def test_a_diverging_run_is_retired_and_the_others_go_on(tmp_path):

@@ -224,11 +224,20 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
                    threads=threads, on_error=on_error, extra_fields=SUMMARY_FIELDS, inputs=job["inputs"])
 
 
+# what a run of a fused group holds apart (train.stacked.PER_RUN_KEYS; a task boundary's change is the run's own)
+PER_RUN_METHOD = ("lr", "optimizer", "weight_decay", "isometry_lambda", "shrink", "perturb", "redo_tau")
+
+
 def fuse_key(spec: dict) -> str | None:
-    """Continual runs with equal keys train fused: the same grid, benchmark, model and method; the seed differs."""
-    if fit_config(spec)["optimizer"] not in FUSED_OPTIMIZERS or spec["method"]["l2_init"]:
+    """Continual runs with equal keys train fused: the same grid, benchmark, model and loss (the coupled isometry
+    term and its λ); the seed, lr, optimizer of the Adam family, its decay and λ, and the method's change at a task
+    boundary (Shrink & Perturb, ReDo) are each run's own. SGD runs group apart; L2-init's θ₀ is one run's."""
+    optimizer = fit_config(spec)["optimizer"]
+    if optimizer not in FUSED_OPTIMIZERS or spec["method"]["l2_init"]:
         return None
-    return stable_json({k: v for k, v in spec.items() if k not in ("run_id", "seed")})
+    shared = {k: v for k, v in spec.items() if k not in ("run_id", "seed", "method_name", "method")}
+    method = {k: v for k, v in spec["method"].items() if k not in PER_RUN_METHOD}
+    return stable_json({**shared, "method": method, "family": "sgd" if optimizer == "sgd" else "adam"})
 
 
 def run_continual_fused(specs: list[dict], out_dirs: list, *, threads: int = 1, on_error: str = "record",
@@ -254,7 +263,8 @@ def run_continual_fused(specs: list[dict], out_dirs: list, *, threads: int = 1, 
                 break
             tasks = [s.task(t, item) for s, item in zip(seqs, items)]
             if group is None:
-                group = FusedRuns([s.model for s in seqs], tasks, [s.cfg["lr"] for s in seqs], cfg, todo[0].device)
+                group = FusedRuns([s.model for s in seqs], tasks, [s.cfg["lr"] for s in seqs], cfg, todo[0].device,
+                                  run_cfgs=[s.cfg for s in seqs])
                 for r, s in enumerate(seqs):
                     if first:
                         s.resumed(*group.load_checkpoint(r, s.ckpt))

@@ -8,14 +8,11 @@ data order (its seed), its optimizer moments, its gradient clipping (the norm ov
 divergence (it stops updating; the others go on), its best-val weights and its checkpoint file in its own run
 directory. Evaluation runs each run's own model, with the run's current weights copied in.
 
-The optimizers are the stacked forms of torch's SGD (momentum, dampening 0) and Adam/AdamW, and of
-``adaptlab.train.adamo.AdamO`` (Adam + the decoupled isometry step, one batched Gram per regularised matrix), with
-the per-run lr as a tensor; they follow the one-run update formulas, so a fused run matches its one-by-one twin
-within float tolerance (tests/test_fused.py). Any other optimizer trains unfused.
+The optimizers are the stacked forms of SGD and the Adam family (``train.stacked``: per-run lr, and per-run
+Adam / AdamW / AdamO with their own decay and λ); they follow the one-run update formulas, so a fused run matches
+its one-by-one twin within float tolerance (tests/test_fused.py). Any other optimizer trains unfused.
 
-Written by hand: the stacked optimizers and the masks. torch.optim has no per-slice lr or mask, and neither
-torch.func nor a well-kept library trains a batch of models with per-model optimizer state (HFTA, Wang et al.
-MLSys 2021, rewrites layers instead).
+Written by hand: the masks and the group around the loop (the stacked optimizers: ``train.stacked``).
 """
 from __future__ import annotations
 
@@ -30,8 +27,9 @@ from torch.func import functional_call, vmap
 from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
 from adaptlab.train.device import autocast
 from adaptlab.train.grouped import grouped_forward
+from adaptlab.train.stacked import FUSED_OPTIMIZERS, StackedOptimizer, isometry_matrices, per_run
 
-FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "adamo")
+__all__ = ["FUSED_OPTIMIZERS", "FusedRuns", "StackedOptimizer", "fused_config_id"]
 
 
 def _stack(batches):
@@ -58,143 +56,11 @@ class _Bound:
         return iter(self.params.items())
 
 
-def per_run(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-run vector (runs,) shaped to broadcast over a stacked tensor (runs, ...)."""
-    return vec.view(-1, *([1] * (like.dim() - 1)))
-
-
-class StackedOptimizer:
-    """SGD-momentum or Adam/AdamW over stacked tensors: per-run lr (``lr``: a tensor of shape [R]), and updates
-    masked per run and tensor (trainable in that run and the run still active)."""
-
-    def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lrs: torch.Tensor, cfg: dict,
-                 isometry: dict[str, int] | None = None):
-        self.params, self.masks, self.cfg, self.lr = params, masks, cfg, lrs.clone()
-        self.kind = cfg["optimizer"]
-        self.isometry = isometry or {}  # AdamO: {name: row-block split} of the regularised matrices
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self.t = 0
-        self._warned = False
-        self._all_trainable: bool | None = None
-
-    @torch.no_grad()
-    def step(self, active: torch.Tensor) -> None:
-        cfg, self.t = self.cfg, self.t + 1
-        if self.kind != "sgd" and self._uniform(active):
-            return self._fused_step()
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            keep = per_run(self.masks[name] & active, p)
-            lr, g = per_run(self.lr, p), p.grad
-            wd = 0.0 if self.kind == "adamo" else cfg["weight_decay"]  # AdamO's only decay is the isometry step
-            st = self.state.setdefault(name, {})
-            if self.kind == "sgd":
-                if wd:
-                    g = g.add(p, alpha=wd)
-                if cfg["momentum"]:
-                    buf = st.get("momentum_buffer")
-                    buf = g.clone() if buf is None else torch.where(keep, buf * cfg["momentum"] + g, buf)
-                    st["momentum_buffer"] = buf
-                    g = g + cfg["momentum"] * buf if cfg["nesterov"] else buf
-                new = p - lr * g
-            else:
-                b1, b2 = cfg["betas"]
-                # AdamO: ∇R at θ_t, before the Adam update, never in the moments (adamo.AdamO.step)
-                iso = self._isometry_step(name, p, lr) if name in self.isometry else None
-                new = p
-                if wd and self.kind == "adamw":
-                    new = p * (1 - lr * wd)
-                elif wd:
-                    g = g.add(p, alpha=wd)
-                m = st.get("exp_avg", torch.zeros_like(p))
-                v = st.get("exp_avg_sq", torch.zeros_like(p))
-                st["exp_avg"] = torch.where(keep, m.lerp(g, 1 - b1), m)
-                st["exp_avg_sq"] = torch.where(keep, torch.addcmul(v * b2, g, g, value=1 - b2), v)
-                bc1, bc2 = 1 - b1 ** self.t, (1 - b2 ** self.t) ** 0.5
-                denom = st["exp_avg_sq"].sqrt() / bc2 + cfg["eps"]
-                new = new - (lr / bc1) * st["exp_avg"] / denom
-                if iso is not None:
-                    new = new - iso
-            p.copy_(torch.where(keep, new, p))
-
-    def all_trainable(self) -> bool:
-        """Every run trains every tensor (nothing to mask)."""
-        if self._all_trainable is None:
-            self._all_trainable = all(bool(m.all()) for m in self.masks.values())
-        return self._all_trainable
-
-    def _uniform(self, active: torch.Tensor) -> bool:
-        """Every run active, training every tensor, at one lr: the update is Adam's on the stacked tensors as they are."""
-        return self.all_trainable() and bool(active.all()) and bool((self.lr == self.lr[0]).all())
-
-    def _fused_step(self) -> None:
-        """Adam/AdamW/AdamO on the stacked tensors in torch's fused kernel (one call; the same per-element formula
-        as the masked update below, an elementwise update being the same on a stack as on each run's slice)."""
-        cfg, lr = self.cfg, self.lr[0].item()
-        names = [n for n, p in self.params.items() if p.grad is not None]
-        params = [self.params[n] for n in names]
-        iso = {n: self._isometry_step(n, p, per_run(self.lr, p)) for n, p in zip(names, params)
-               if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
-        for n, p in zip(names, params):
-            st = self.state.setdefault(n, {})
-            st.setdefault("exp_avg", torch.zeros_like(p))
-            st.setdefault("exp_avg_sq", torch.zeros_like(p))
-        wd = 0.0 if self.kind == "adamo" else cfg["weight_decay"]
-        kernel = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
-        step = torch.tensor(float(self.t), device=params[0].device)
-        b1, b2 = cfg["betas"]
-        kernel(params, [p.grad for p in params], [self.state[n]["exp_avg"] for n in names],
-               [self.state[n]["exp_avg_sq"] for n in names], [], [step] * len(params), lr=lr, beta1=b1, beta2=b2,
-               weight_decay=wd, eps=cfg["eps"], amsgrad=False, maximize=False)
-        for n, d in iso.items():
-            if d is not None:
-                self.params[n].sub_(d)
-
-    def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
-        """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr)."""
-        from adaptlab.train.adamo import isometry_grad, sigma_max_sq_bound, stability_check_due, warn_unstable
-
-        lam, scale = self.cfg["isometry_lambda"], self.cfg["isometry_scale"]
-        if not lam:
-            return None
-        coeff = self.cfg["isometry_lr_scale"] * lam * lr
-        if not self._warned and stability_check_due(self.t):
-            self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(p, batch_dims=1), scale)
-        return coeff * isometry_grad(p, scale, self.isometry[name], batch_dims=1).to(p.dtype)
-
-    def state_of(self, r: int) -> dict[str, torch.Tensor]:
-        return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
-
-    def load_state_of(self, r: int, tensors: dict[str, torch.Tensor], t: int) -> None:
-        for key, val in tensors.items():
-            name, slot = key.rsplit("/", 1)
-            st = self.state.setdefault(name, {})
-            if slot not in st:
-                st[slot] = torch.zeros_like(self.params[name])
-            st[slot][r].copy_(val)
-        self.t = t
-
-
-def _isometry(models: list[torch.nn.Module], cfg: dict) -> dict[str, int]:
-    """AdamO: {name: split} of the matrices its isometry step regularises in any run, each run's trainable tensors
-    selected (and checked) exactly as ``optim.build_optimizer`` selects them for the run alone."""
-    if cfg["optimizer"] != "adamo":
-        return {}
-    from adaptlab.train.adamo import _check_lambda, select_isometry
-
-    _check_lambda(cfg["isometry_lambda"], "fused AdamO")
-    chosen: dict[str, int] = {}
-    for m in models:
-        trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-        chosen.update(select_isometry(trainable, cfg["isometry_patterns"], cfg["isometry_exclude"]))
-    return chosen
-
-
 class FusedRuns:
     """The runs of a fused pack as one group for ``fit``: ``models[r]`` (built, initialised and with its trainable
     set chosen exactly as the run would be on its own), ``tasks[r]`` and ``lrs[r]`` per run; ``cfg`` (all other
-    training values) is shared. After ``fit`` each ``models[r]`` holds its run's weights, as after a run alone.
+    training values) is shared, except what ``run_cfgs[r]`` (default: ``cfg`` for every run) holds apart per run:
+    its optimizer within the Adam family, weight decay and isometry λ (``train.stacked.PER_RUN_KEYS``). After ``fit`` each ``models[r]`` holds its run's weights, as after a run alone.
 
     A group can go on through several ``fit`` calls (a continual sequence: ``set_tasks`` between them; the
     optimizer moments carry over); a run ``retire``d there takes no more steps. A task class may define
@@ -207,9 +73,11 @@ class FusedRuns:
 
     fused = True
 
-    def __init__(self, models: list[torch.nn.Module], tasks: list, lrs: list[float], cfg: dict, device: torch.device):
+    def __init__(self, models: list[torch.nn.Module], tasks: list, lrs: list[float], cfg: dict, device: torch.device,
+                 run_cfgs: list[dict] | None = None):
         if cfg["optimizer"] not in FUSED_OPTIMIZERS:
             raise ValueError(f"optimizer {cfg['optimizer']!r} cannot train fused (fused: {FUSED_OPTIMIZERS})")
+        run_cfgs = run_cfgs or [cfg] * len(models)
         self.models, self.device, self.n = models, device, len(models)
         self.retired: set[int] = set()
         for m in models:
@@ -231,7 +99,8 @@ class FusedRuns:
             if hasattr(mod, "fused_attn"):
                 mod.fused_attn = False
         self.base_lrs = torch.tensor(lrs, dtype=torch.float64, device=device)
-        self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg, _isometry(models, cfg))
+        self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg,
+                                    isometry_matrices(models, run_cfgs), run_cfgs)
         self.set_tasks(tasks)
 
     def set_tasks(self, tasks: list) -> None:

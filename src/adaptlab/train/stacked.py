@@ -1,0 +1,194 @@
+"""The optimizers of a fused group (``train.fused.FusedRuns``): torch's SGD (momentum, dampening 0) and
+Adam/AdamW, and ``adaptlab.train.adamo.AdamO`` (Adam + the decoupled isometry step, one batched Gram per
+regularised matrix), over tensors stacked along a leading run dimension.
+
+Per run: the lr (a tensor of shape [R]), the update mask (the run trains that tensor and is still active), and,
+in the Adam family, the optimizer itself: a group may mix Adam (weight decay added to the gradient), AdamW
+(decoupled decay) and AdamO (no decay but the isometry step, its own λ), each run's update the one-run formula
+of its optimizer. SGD runs group only with SGD runs. The updates follow the one-run formulas, so a fused run
+matches its one-by-one twin within float tolerance (tests/test_fused.py).
+
+Written by hand: torch.optim has no per-slice lr, mask or optimizer, and neither torch.func nor a well-kept
+library trains a batch of models with per-model optimizer state (HFTA, Wang et al. MLSys 2021, rewrites layers
+instead).
+"""
+from __future__ import annotations
+
+import torch
+
+FUSED_OPTIMIZERS = ("sgd", "adam", "adamw", "adamo")
+ADAM_FAMILY = ("adam", "adamw", "adamo")
+# the training values a run of a fused group may hold apart from the group's (every other value is shared)
+PER_RUN_KEYS = ("lr", "optimizer", "weight_decay", "isometry_lambda")
+
+
+def per_run(vec: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-run vector (runs,) shaped to broadcast over a stacked tensor (runs, ...)."""
+    return vec.view(-1, *([1] * (like.dim() - 1)))
+
+
+def check_run_configs(cfg: dict, run_cfgs: list[dict]) -> None:
+    """Every run's training values equal the group's ``cfg`` except ``PER_RUN_KEYS``; optimizers that can share a
+    stacked update (all SGD, or all of the Adam family)."""
+    for r, c in enumerate(run_cfgs):
+        if c["optimizer"] not in FUSED_OPTIMIZERS:
+            raise ValueError(f"fused run {r}: optimizer {c['optimizer']!r} cannot train fused (fused: {FUSED_OPTIMIZERS})")
+        bad = sorted(k for k in cfg.keys() | c.keys() if k not in PER_RUN_KEYS and c.get(k) != cfg.get(k))
+        if bad:
+            raise ValueError(f"fused run {r}: {bad[0]!r} is {c.get(bad[0])!r}, the group's is {cfg.get(bad[0])!r}; "
+                             f"runs of one group differ only in {', '.join(PER_RUN_KEYS)}")
+    kinds = {c["optimizer"] for c in run_cfgs}
+    if len(kinds) > 1 and not kinds <= set(ADAM_FAMILY):
+        raise ValueError(f"fused runs mix the optimizers {sorted(kinds)}: only {', '.join(ADAM_FAMILY)} share a stacked "
+                         f"update")
+
+
+def isometry_matrices(models: list[torch.nn.Module], run_cfgs: list[dict]) -> dict[str, int]:
+    """AdamO: {name: split} of the matrices its isometry step regularises in any AdamO run, each run's trainable
+    tensors selected (and checked) exactly as ``optim.build_optimizer`` selects them for the run alone."""
+    from adaptlab.train.adamo import _check_lambda, select_isometry
+
+    chosen: dict[str, int] = {}
+    for m, c in zip(models, run_cfgs):
+        if c["optimizer"] == "adamo":
+            _check_lambda(c["isometry_lambda"], "fused AdamO")
+            trainable = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+            chosen.update(select_isometry(trainable, c["isometry_patterns"], c["isometry_exclude"]))
+    return chosen
+
+
+class StackedOptimizer:
+    """SGD-momentum or the Adam family over stacked tensors: per-run lr (``lrs``: a tensor of shape [R]) and
+    optimizer (``run_cfgs``, default: every run ``cfg``'s), and updates masked per run and tensor (trainable in
+    that run and the run still active)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], lrs: torch.Tensor, cfg: dict,
+                 isometry: dict[str, int] | None = None, run_cfgs: list[dict] | None = None):
+        self.params, self.masks, self.cfg, self.lr = params, masks, cfg, lrs.clone()
+        runs = run_cfgs or [cfg] * len(lrs)
+        check_run_configs(cfg, runs)
+        kinds = [c["optimizer"] for c in runs]
+        self.sgd = kinds[0] == "sgd"
+
+        def vec(values):
+            return torch.tensor(values, dtype=lrs.dtype, device=lrs.device)
+
+        wd = [float(c["weight_decay"] or 0.0) for c in runs]
+        # Adam and SGD add the decay to the gradient, AdamW decays the weights, AdamO's only decay is its isometry step
+        self.l2 = vec([w if k in ("sgd", "adam") else 0.0 for k, w in zip(kinds, wd)])
+        self.decoupled = vec([w if k == "adamw" else 0.0 for k, w in zip(kinds, wd)])
+        self.iso_lambda = vec([float(c["isometry_lambda"] or 0.0) if k == "adamo" else 0.0 for k, c in zip(kinds, runs)])
+        self._any = {"l2": bool(self.l2.any()), "decoupled": bool(self.decoupled.any()),
+                     "iso": bool(self.iso_lambda.any())}
+        # one optimizer and decay for all runs: the kernel applies the decay itself, as for a run alone
+        self._one = (kinds[0], wd[0]) if len(set(kinds)) == 1 and len(set(wd)) == 1 else None
+        self.isometry = isometry or {}  # AdamO: {name: row-block split} of the regularised matrices
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.t = 0
+        self._warned = False
+        self._all_trainable: bool | None = None
+
+    @torch.no_grad()
+    def step(self, active: torch.Tensor) -> None:
+        cfg, self.t = self.cfg, self.t + 1
+        if not self.sgd and self._uniform(active):
+            return self._fused_step()
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            keep = per_run(self.masks[name] & active, p)
+            lr, g = per_run(self.lr, p), p.grad
+            st = self.state.setdefault(name, {})
+            # AdamO: ∇R at θ_t, before the Adam update, never in the moments (adamo.AdamO.step)
+            iso = self._isometry_step(name, p, lr) if name in self.isometry else None
+            if self._any["l2"]:
+                g = g + per_run(self.l2, p) * p
+            if self.sgd:
+                if cfg["momentum"]:
+                    buf = st.get("momentum_buffer")
+                    buf = g.clone() if buf is None else torch.where(keep, buf * cfg["momentum"] + g, buf)
+                    st["momentum_buffer"] = buf
+                    g = g + cfg["momentum"] * buf if cfg["nesterov"] else buf
+                new = p - lr * g
+            else:
+                b1, b2 = cfg["betas"]
+                new = p * (1 - lr * per_run(self.decoupled, p)) if self._any["decoupled"] else p
+                m = st.get("exp_avg", torch.zeros_like(p))
+                v = st.get("exp_avg_sq", torch.zeros_like(p))
+                st["exp_avg"] = torch.where(keep, m.lerp(g, 1 - b1), m)
+                st["exp_avg_sq"] = torch.where(keep, torch.addcmul(v * b2, g, g, value=1 - b2), v)
+                bc1, bc2 = 1 - b1 ** self.t, (1 - b2 ** self.t) ** 0.5
+                denom = st["exp_avg_sq"].sqrt() / bc2 + cfg["eps"]
+                new = new - (lr / bc1) * st["exp_avg"] / denom
+                if iso is not None:
+                    new = new - iso
+            p.copy_(torch.where(keep, new, p))
+
+    def all_trainable(self) -> bool:
+        """Every run trains every tensor (nothing to mask)."""
+        if self._all_trainable is None:
+            self._all_trainable = all(bool(m.all()) for m in self.masks.values())
+        return self._all_trainable
+
+    def _uniform(self, active: torch.Tensor) -> bool:
+        """Every run active, training every tensor, at one lr: the update is Adam's on the stacked tensors as they are."""
+        return self.all_trainable() and bool(active.all()) and bool((self.lr == self.lr[0]).all())
+
+    def _fused_step(self) -> None:
+        """The Adam family on the stacked tensors in torch's fused kernel (one call; the same per-element formula as
+        the masked update, an elementwise update being the same on a stack as on each run's slice). Runs with
+        different optimizers: each run's decay applied first (to its gradient or its weights, as the kernel would),
+        then the kernel without decay."""
+        cfg, lr = self.cfg, self.lr[0].item()
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        params = [self.params[n] for n in names]
+        iso = {n: self._isometry_step(n, p, per_run(self.lr, p)) for n, p in zip(names, params)
+               if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
+        for n, p in zip(names, params):
+            st = self.state.setdefault(n, {})
+            st.setdefault("exp_avg", torch.zeros_like(p))
+            st.setdefault("exp_avg_sq", torch.zeros_like(p))
+        if self._one is not None:
+            kind, wd = self._one
+            kernel = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
+            wd = 0.0 if kind == "adamo" else wd
+        else:
+            kernel, wd = torch._fused_adam_, 0.0
+            for p in params:
+                if self._any["l2"]:
+                    p.grad.add_(per_run(self.l2, p) * p)
+                if self._any["decoupled"]:
+                    p.mul_(1 - lr * per_run(self.decoupled, p))
+        step = torch.tensor(float(self.t), device=params[0].device)
+        b1, b2 = cfg["betas"]
+        kernel(params, [p.grad for p in params], [self.state[n]["exp_avg"] for n in names],
+               [self.state[n]["exp_avg_sq"] for n in names], [], [step] * len(params), lr=lr, beta1=b1, beta2=b2,
+               weight_decay=wd, eps=cfg["eps"], amsgrad=False, maximize=False)
+        for n, d in iso.items():
+            if d is not None:
+                self.params[n].sub_(d)
+
+    def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
+        """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr; λ = 0 in a run
+        that is not AdamO's)."""
+        from adaptlab.train.adamo import isometry_grad, sigma_max_sq_bound, stability_check_due, warn_unstable
+
+        if not self._any["iso"]:
+            return None
+        scale = self.cfg["isometry_scale"]
+        coeff = self.cfg["isometry_lr_scale"] * per_run(self.iso_lambda, p) * lr
+        if not self._warned and stability_check_due(self.t):
+            self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(p, batch_dims=1), scale)
+        return coeff * isometry_grad(p, scale, self.isometry[name], batch_dims=1).to(p.dtype)
+
+    def state_of(self, r: int) -> dict[str, torch.Tensor]:
+        return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
+
+    def load_state_of(self, r: int, tensors: dict[str, torch.Tensor], t: int) -> None:
+        for key, val in tensors.items():
+            name, slot = key.rsplit("/", 1)
+            st = self.state.setdefault(name, {})
+            if slot not in st:
+                st[slot] = torch.zeros_like(self.params[name])
+            st[slot][r].copy_(val)
+        self.t = t
