@@ -80,6 +80,10 @@ class StackedOptimizer:
         self.iso_lambda = vec([float(c["isometry_lambda"] or 0.0) if k == "adamo" else 0.0 for k, c in zip(kinds, runs)])
         self._any = {"l2": bool(self.l2.any()), "decoupled": bool(self.decoupled.any()),
                      "iso": bool(self.iso_lambda.any())}
+        # the runs that take an isometry step (None: all of them): ∇R costs a Gram and two matmuls per matrix,
+        # more than a small MLP's forward and backward, so the other runs of a mixed group skip it
+        iso_runs = self.iso_lambda.nonzero().flatten()
+        self._iso_runs = None if len(iso_runs) == len(runs) else iso_runs
         # one optimizer and decay for all runs: the kernel applies the decay itself, as for a run alone
         self._one = (kinds[0], wd[0]) if len(set(kinds)) == 1 and len(set(wd)) == 1 else None
         self.isometry = isometry or {}  # AdamO: {name: row-block split} of the regularised matrices
@@ -146,8 +150,8 @@ class StackedOptimizer:
                if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
         for n, p in zip(names, params):
             st = self.state.setdefault(n, {})
-            st.setdefault("exp_avg", torch.zeros_like(p))
-            st.setdefault("exp_avg_sq", torch.zeros_like(p))
+            if not st:
+                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
         if self._one is not None:
             kind, wd = self._one
             kernel = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
@@ -175,11 +179,13 @@ class StackedOptimizer:
 
         if not self._any["iso"]:
             return None
-        scale = self.cfg["isometry_scale"]
-        coeff = self.cfg["isometry_lr_scale"] * per_run(self.iso_lambda, p) * lr
+        scale, idx = self.cfg["isometry_scale"], self._iso_runs
+        w, lam = (p, self.iso_lambda) if idx is None else (p.index_select(0, idx), self.iso_lambda[idx])
+        coeff = self.cfg["isometry_lr_scale"] * per_run(lam, w) * (lr if idx is None else lr.index_select(0, idx))
         if not self._warned and stability_check_due(self.t):
-            self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(p, batch_dims=1), scale)
-        return coeff * isometry_grad(p, scale, self.isometry[name], batch_dims=1).to(p.dtype)
+            self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(w, batch_dims=1), scale)
+        step = coeff * isometry_grad(w, scale, self.isometry[name], batch_dims=1).to(p.dtype)
+        return step if idx is None else torch.zeros_like(p).index_copy_(0, idx, step)
 
     def state_of(self, r: int) -> dict[str, torch.Tensor]:
         return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
