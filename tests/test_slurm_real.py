@@ -181,14 +181,19 @@ def _steps_lasting(seconds: float) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the SLURM job's run
     try:
-        for i in range(220):
-            if i == 20:
+        # the fastest of 6 blocks of 40 steps (after 20 warm-up steps): the job runs alone in its allocation, while
+        # this process may share the cores for a moment (a full suite measured half the job's rate in one block)
+        blocks = []
+        for i in range(260):
+            if i >= 20 and i % 40 == 20:
                 t = time.perf_counter()
             loss = torch.nn.functional.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
-        rate = 200 / (time.perf_counter() - t)
+            if i >= 20 and i % 40 == 19:
+                blocks.append(40 / (time.perf_counter() - t))
+        rate = max(blocks)
     finally:
         torch.set_num_threads(threads)
     return max(1500, min(60000, int(seconds * 0.85 * rate) // 3 * 3))
