@@ -180,19 +180,23 @@ def _steps_lasting(seconds: float) -> int:
     x, y = torch.randn(256, 3, 16, 16), torch.randint(10, (256,))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the SLURM job's run
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
     try:
-        # the fastest of 6 blocks of 40 steps (after 20 warm-up steps): the job runs alone in its allocation, while
-        # this process may share the cores for a moment (a full suite measured half the job's rate in one block)
+        for _ in range(20):  # warm-up
+            step()
+        # the fastest of 6 blocks of 40 steps: the job runs alone in its allocation, while this process may share
+        # the cores for a moment (a full suite measured half the job's rate in one block)
         blocks = []
-        for i in range(260):
-            if i >= 20 and i % 40 == 20:
-                t = time.perf_counter()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i >= 20 and i % 40 == 19:
-                blocks.append(40 / (time.perf_counter() - t))
+        for _ in range(6):
+            t = time.perf_counter()
+            for _ in range(40):
+                step()
+            blocks.append(40 / (time.perf_counter() - t))
         rate = max(blocks)
     finally:
         torch.set_num_threads(threads)

@@ -103,13 +103,10 @@ def _linear_blocks(model, x: torch.Tensor) -> tuple[torch.Tensor | None, set[str
     a dense layer written as in Novak et al., ICML 2022, "Fast finite width neural tangent kernel"; written here
     because neural-tangents is a JAX library). A layer called twice, fed tokens, or whose output a later op
     changes in place is left to the Jacobian path."""
-    seen: dict[str, list] = {}
-
-    def hook(module, inputs, output, name):
-        seen.setdefault(name, []).append((inputs[0], output, output._version))
-
-    hooks = [m.register_forward_hook(lambda m, i, o, name=name: hook(m, i, o, name))
-             for name, m in model.named_modules() if type(m) is nn.Linear]
+    linears = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    seen: dict[str, list] = {}  # name -> (input, output, the output's version then) of each call
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append((i[0], o, o._version)))
+             for name, m in linears.items()]
     try:
         with torch.enable_grad():
             logits = model(x)
@@ -131,7 +128,7 @@ def _linear_blocks(model, x: torch.Tensor) -> tuple[torch.Tensor | None, set[str
         g = torch.stack([torch.zeros_like(y) if gc[k] is None else gc[k] for gc in grads], 1)  # (n, C, out)
         g = g.detach().double().reshape(n * classes, -1)
         h = h.detach().double()
-        module = model.get_submodule(name)
+        module = linears[name]
         gg = g @ g.T
         block = gg * (h @ h.T).repeat_interleave(classes, 0).repeat_interleave(classes, 1)
         if module.bias is not None:

@@ -32,6 +32,7 @@ from adaptlab.train.checkpoint import load_checkpoint, read_checkpoint_meta, sav
 from adaptlab.train.fused import FUSED_OPTIMIZERS, FusedRuns, fused_config_id
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.optim import build_optimizer
+from adaptlab.train.stacked import PER_RUN_KEYS
 
 
 def fit_config(spec: dict) -> dict:
@@ -224,8 +225,9 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
                    threads=threads, on_error=on_error, extra_fields=SUMMARY_FIELDS, inputs=job["inputs"])
 
 
-# what a run of a fused group holds apart (train.stacked.PER_RUN_KEYS; a task boundary's change is the run's own)
-PER_RUN_METHOD = ("lr", "optimizer", "weight_decay", "isometry_lambda", "shrink", "perturb", "redo_tau")
+# what a run of a fused group holds apart: its training values that may differ in a group, and its change at a task
+# boundary (the method keys of those training values have the same names)
+PER_RUN_METHOD = PER_RUN_KEYS + ("shrink", "perturb", "redo_tau")
 
 
 def fuse_key(spec: dict) -> str | None:

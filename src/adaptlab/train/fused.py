@@ -29,8 +29,6 @@ from adaptlab.train.device import autocast
 from adaptlab.train.grouped import grouped_forward
 from adaptlab.train.stacked import FUSED_OPTIMIZERS, StackedOptimizer, isometry_matrices, per_run
 
-__all__ = ["FUSED_OPTIMIZERS", "FusedRuns", "StackedOptimizer", "fused_config_id"]
-
 
 def _stack(batches):
     """The runs' batches (tensors, or tuples/lists/dicts of them) stacked along a new leading run dimension."""

@@ -117,8 +117,7 @@ class StackedOptimizer:
             else:
                 b1, b2 = cfg["betas"]
                 new = p * (1 - lr * per_run(self.decoupled, p)) if self._any["decoupled"] else p
-                m = st.get("exp_avg", torch.zeros_like(p))
-                v = st.get("exp_avg_sq", torch.zeros_like(p))
+                m, v = self._moments(name, p)
                 st["exp_avg"] = torch.where(keep, m.lerp(g, 1 - b1), m)
                 st["exp_avg_sq"] = torch.where(keep, torch.addcmul(v * b2, g, g, value=1 - b2), v)
                 bc1, bc2 = 1 - b1 ** self.t, (1 - b2 ** self.t) ** 0.5
@@ -149,9 +148,7 @@ class StackedOptimizer:
         iso = {n: self._isometry_step(n, p, per_run(self.lr, p)) for n, p in zip(names, params)
                if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
         for n, p in zip(names, params):
-            st = self.state.setdefault(n, {})
-            if not st:
-                st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+            self._moments(n, p)
         if self._one is not None:
             kind, wd = self._one
             kernel = torch._fused_adamw_ if kind == "adamw" else torch._fused_adam_
@@ -171,6 +168,13 @@ class StackedOptimizer:
         for n, d in iso.items():
             if d is not None:
                 self.params[n].sub_(d)
+
+    def _moments(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adam's (exp_avg, exp_avg_sq) of tensor ``name``, zeros the first time (allocated once, not per step)."""
+        st = self.state.setdefault(name, {})
+        if "exp_avg" not in st:
+            st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        return st["exp_avg"], st["exp_avg_sq"]
 
     def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
         """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr; λ = 0 in a run
