@@ -1,6 +1,6 @@
-"""Fused continual sequences (adaptlab.continual.run.run_continual_fused): runs that share a loss (the seeds of one
-method, and methods that differ in optimizer, decay, λ or task-boundary change) go through their task sequences in
-step as one batched model. Each test compares with the same runs trained one by one
+"""Fused continual sequences (adaptlab.continual.run.run_continual_fused): runs of one grid, benchmark and model (the
+seeds of one method, and methods that differ in optimizer, decay, λ, loss terms or task-boundary change) go through
+their task sequences in step as one batched model. Each test compares with the same runs trained one by one
 (``run_continual``) or checks a per-run invariant: equal records within float tolerance (Adam, AdamO, coupled
 isometry, ReDo, Shrink & Perturb; MLP and ViT), divergence per run, SIGKILL/SIGTERM resume, fuse keys."""
 from __future__ import annotations
@@ -27,7 +27,8 @@ from test_preemption import CONTINUAL_JOB, TESTS
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = {**CONTINUAL["methods"], "coupled": {"optimizer": "adam", "coupled_lambda": 0.05},
            "l2": {"optimizer": "adam", "l2_init": 0.01}, "adamw": {"optimizer": "adamw", "weight_decay": 0.1},
-           "adam_l2": {"optimizer": "adam", "weight_decay": 0.01}}
+           "adam_l2": {"optimizer": "adam", "weight_decay": 0.01},
+           "coupled_big": {"optimizer": "adam", "coupled_lambda": 0.2}}
 
 
 def _specs(grid: dict) -> dict[str, list[dict]]:
@@ -87,21 +88,28 @@ def test_fused_sequences_equal_one_by_one(tmp_path, grid):
             assert not (f / "ckpt.safetensors").exists() and not (f / "fit" / "ckpt.safetensors").exists()
 
 
-def test_fuse_keys_group_the_methods_that_share_a_loss():
-    specs = _specs({**MLP_GRID, "methods": ["adam", "adamw", "adam_l2", "adamo", "redo", "snp", "coupled", "l2"]})
-    keys = {m: {fuse_key(s) for s in ss} for m, ss in specs.items()}
+def test_fuse_keys_group_the_methods_of_a_grid_benchmark_and_model():
+    methods = ["adam", "adamw", "adam_l2", "adamo", "redo", "snp", "coupled", "coupled_big", "l2"]
+    specs = _specs({**MLP_GRID, "benchmarks": ["rl", "pd"], "methods": methods})
+    keys = {m: {fuse_key(s) for s in ss if s["benchmark_name"] == "rl"} for m, ss in specs.items()}
     assert all(len(k) == 1 for k in keys.values())  # seeds share their method's key
-    assert keys["l2"] == {None}  # L2-init's loss term holds the run's own initial weights: trains alone
-    # plain cross-entropy fuses across methods (optimizer, decay, λ, boundary change per run); the coupled
-    # isometry term changes the loss
-    assert len({next(iter(keys[m])) for m in ("adam", "adamw", "adam_l2", "adamo", "redo", "snp")}) == 1
-    assert next(iter(keys["coupled"])) != next(iter(keys["adam"]))
+    # one group across methods: optimizer, decay, λ, loss terms (coupled isometry, L2-init) and boundary change are
+    # each run's own
+    assert len({next(iter(k)) for k in keys.values()}) == 1
+    other = {fuse_key(s) for s in specs["adam"] if s["benchmark_name"] == "pd"}
+    assert other.isdisjoint(keys["adam"])  # another benchmark: another group
+    sgd = copy.deepcopy(specs["adam"][0])
+    sgd["method"]["optimizer"] = "sgd"
+    assert fuse_key(sgd) not in keys["adam"]  # SGD does not share Adam's stacked update
 
 
-def test_a_group_across_methods_equals_its_runs_one_by_one(tmp_path):
-    """Adam, AdamW, Adam + L2, AdamO, ReDo and Shrink & Perturb runs as one fused group: each run's own
-    optimizer, decay, λ and task-boundary change, the records of each run trained alone."""
-    by_method = _specs({**MLP_GRID, "methods": ["adam", "adamw", "adam_l2", "adamo", "redo", "snp"], "seeds": [0, 1]})
+@pytest.mark.parametrize("methods", [["adam", "adamw", "adam_l2", "adamo", "redo", "snp"],
+                                     ["adam", "coupled", "coupled_big", "l2", "adamo"]],
+                         ids=["optimizers_and_boundaries", "loss_terms"])
+def test_a_group_across_methods_equals_its_runs_one_by_one(tmp_path, methods):
+    """Runs of several methods as one fused group: each run's own optimizer, decay, λ, loss terms (coupled isometry
+    at two λ, L2-init with its own θ₀) and task-boundary change, the records of each run trained alone."""
+    by_method = _specs({**MLP_GRID, "methods": methods, "seeds": [0, 1]})
     specs = [s for ss in by_method.values() for s in ss]
     assert len({fuse_key(s) for s in specs}) == 1
     alone = [tmp_path / "a" / s["run_id"] for s in specs]
@@ -162,9 +170,9 @@ GROUPED_MODELS = {"mlp": {"kind": "mlp", "width": 16, "depth": 2},
 def test_grouped_forward_and_step_equal_each_runs_model_and_the_vmapped_step(kind):
     """The grouped forward (train.grouped) gives each run's own model output (float64, to rounding); a fused group's
     step through it (losses, online accuracy, gradient norms and gradients, with the coupled-isometry term) equals
-    the vmap path's step."""
+    the vmap path's step; the group's loss terms (bench.group_regulariser) are each run's own term on its slice."""
     from adaptlab.config import train_config
-    from adaptlab.continual.bench import ContinualTask, build_model, make_regulariser
+    from adaptlab.continual.bench import ContinualTask, build_model, group_regulariser, make_regulariser
     from adaptlab.train.fused import FusedRuns
     from adaptlab.train.grouped import grouped_forward
 
@@ -187,12 +195,26 @@ def test_grouped_forward_and_step_equal_each_runs_model_and_the_vmapped_step(kin
     cfg = train_config({"optimizer": "adam", "lr": 1e-3})
     method = {"coupled_lambda": 0.05, "l2_init": None, "isometry_scale": 1.0}
     runs = models(torch.float32)
-    tasks = []
+    pats = cfg["isometry_patterns"], cfg["isometry_exclude"]
+    regs = [make_regulariser(method, m, *pats) for m in runs]
+    # per run: the shared coupled term (vmap takes run 0's); alone: other λs, L2-init's θ₀, no term
+    mixed = [method, {**method, "coupled_lambda": 0.2}, {**method, "coupled_lambda": None, "l2_init": 0.1},
+             {**method, "coupled_lambda": None}]
+    mixed_regs = [make_regulariser(m_, r, *pats) for m_, r in zip(mixed, runs + runs[:1])]
+    terms = group_regulariser(mixed, runs + runs[:1], *pats)
+    with torch.no_grad():
+        for p in runs[2].parameters():
+            p.add_(0.01)  # L2-init's θ₀ is the weights as they were
+    stacked = {k: torch.stack([dict(m.named_parameters())[k] for m in runs + runs[:1]])
+               for k, _ in runs[0].named_parameters()}
+    want = [r(m) if r is not None else torch.tensor(0.0) for r, m in zip(mixed_regs, runs + runs[:1])]
+    assert torch.allclose(terms(stacked), torch.stack(want), rtol=1e-5, atol=1e-7)
+    assert group_regulariser([{**method, "coupled_lambda": None}] * 2, runs[:2], *pats) is None
+    tasks, shared = [], group_regulariser([method] * 3, runs, *pats)
     for seed, m in enumerate(runs):
         g = torch.Generator().manual_seed(seed)
-        reg = make_regulariser(method, m, cfg["isometry_patterns"], cfg["isometry_exclude"])
         tasks.append(ContinualTask(torch.randn(40, 64, generator=g), torch.randint(10, (40,), generator=g), None,
-                                   seed, 0, 8, reg))
+                                   seed, 0, 8, regs[seed], group_regulariser=shared))
     group = FusedRuns(runs, tasks, [1e-3] * 3, cfg, torch.device("cpu"))
     assert group._grouped_loss
     results = []

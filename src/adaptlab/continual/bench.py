@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptlab.train import grouped
-from adaptlab.train.adamo import coupled_isometry_loss
+from adaptlab.train.adamo import coupled_isometry_loss, select_isometry
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -108,16 +108,6 @@ def image_shape(shape) -> tuple[int, int, int] | None:
     return (1, shape, shape) if isinstance(shape, int) else tuple(shape)
 
 
-class _Weights:
-    """One run's weights (a slice of a fused group's stacked ones) where a regulariser reads a model's."""
-
-    def __init__(self, params: dict):
-        self.params = params
-
-    def named_parameters(self):
-        return iter(self.params.items())
-
-
 class ContinualTask:
     """One task of a sequence for the shared loop ``adaptlab.train.loop.fit``.
 
@@ -131,12 +121,14 @@ class ContinualTask:
     selection_metric = "acc"
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor | None, seed: int, task: int,
-                 image_side=0, regulariser=None, test: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 image_side=0, regulariser=None, test: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 group_regulariser=None):
         shape = image_shape(image_side)
         if perm is not None:
             x = x[:, perm]
         self.x = x.reshape(len(x), *shape) if shape else x
         self.y, self.seed, self.task, self.regulariser = y, seed, task, regulariser
+        self.group_regulariser = group_regulariser  # a fused group's runs' loss terms (``group_regulariser``)
         self.test = None if test is None else (test[0].reshape(len(test[0]), *shape) if shape else test[0], test[1])
         self.online: list[float] = []
 
@@ -152,13 +144,15 @@ class ContinualTask:
 
     def grouped_loss_and_aux(self, logits: torch.Tensor, batch, params: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``loss_and_aux`` of R fused runs from their stacked logits (R, B, C), labels (R, B) and stacked weights
-        (the regulariser, over every run's slice at once): (losses, batch accuracies), each (R,)."""
+        (each run's own loss terms: ``group_regulariser``): (losses, batch accuracies), each (R,)."""
         y = batch[1]
         r, b, c = logits.shape
         loss = F.cross_entropy(logits.reshape(r * b, c), y.reshape(-1), reduction="none").view(r, b).mean(1)
         acc = (logits.argmax(-1) == y).float().mean(1)
-        if self.regulariser is not None:
-            loss = loss + self.regulariser(_Weights(params), batch_dims=1)
+        if self.group_regulariser is not None:
+            loss = loss + self.group_regulariser(params)
+        elif self.regulariser is not None:
+            raise ValueError("a fused group's loss terms come from group_regulariser (each run's own method)")
         return loss, acc
 
     def loss_and_aux(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,25 +287,60 @@ def build_model(model_cfg: dict, in_dim: int, image_side, classes: int) -> nn.Mo
 
 
 def make_regulariser(method: dict, model: nn.Module, patterns, exclude):
-    """The method's loss term (coupled isometry, L2-init) or None."""
+    """The method's loss term over ``model``'s weights (coupled isometry, L2-init), or None."""
     terms = []
     if method["coupled_lambda"]:
         lam, scale = method["coupled_lambda"], method["isometry_scale"]
-        terms.append(lambda m, batch_dims=0: coupled_isometry_loss(m.named_parameters(), lam, scale, patterns, exclude,
-                                                                   batch_dims=batch_dims))
+        terms.append(lambda m: coupled_isometry_loss(m.named_parameters(), lam, scale, patterns, exclude))
     if method["l2_init"]:
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         lam = method["l2_init"]
-
-        def l2_init(m, batch_dims=0):
-            if batch_dims:  # θ₀ is one run's own: L2-init never trains fused (run.fuse_key)
-                raise ValueError("the L2-init term holds one run's initial weights; it cannot take stacked runs")
-            return lam * sum(((p - init[n]) ** 2).sum() for n, p in m.named_parameters())
-        terms.append(l2_init)
+        terms.append(lambda m: lam * sum(((p - init[n]) ** 2).sum() for n, p in m.named_parameters()))
     if not terms:
         return None
-    # batch_dims=1: ``m``'s weights are a fused group's, stacked along a leading run dimension; one value per run
-    return lambda m, batch_dims=0: sum(t(m, batch_dims) for t in terms)
+    return lambda m: sum(t(m) for t in terms)
+
+
+def group_regulariser(methods: list[dict], models: list[nn.Module], patterns, exclude):
+    """The loss terms of a fused group's runs over their stacked weights ({name: (R, ...)}): (R,) values, each run's
+    own method's terms (``make_regulariser``: its coupled-isometry λ, its L2-init λ and θ₀, taken from ``models``
+    now) and 0 for a run without one. Each term is computed on the slices of the runs that have it only: a coupled
+    isometry penalty costs a Gram of every matrix. None when no run has a term."""
+    coupled = [r for r, m in enumerate(methods) if m["coupled_lambda"]]
+    l2 = [r for r, m in enumerate(methods) if m["l2_init"]]
+    if not coupled and not l2:
+        return None
+    scales = sorted({methods[r]["isometry_scale"] for r in coupled})
+    if len(scales) > 1:  # continual.run.fuse_key keeps the scale a shared value
+        raise ValueError(f"fused coupled-isometry runs must share isometry_scale, got {scales}")
+    names = [n for n, _ in models[0].named_parameters()]
+    init = {n: torch.stack([dict(models[r].named_parameters())[n].detach() for r in l2]) for n in names} if l2 else {}
+    lams = {key: torch.tensor([float(methods[r][key]) for r in rows])
+            for key, rows in (("coupled_lambda", coupled), ("l2_init", l2))}
+    # the weights each term reads (the coupled penalty: the matrices it regularises)
+    matrices = set(select_isometry(models[0].named_parameters(), patterns, exclude)) if coupled else set()
+    reads = {"coupled_lambda": matrices, "l2_init": set(names)}
+
+    def coupled_term(w: dict) -> torch.Tensor:
+        return coupled_isometry_loss(w.items(), 1.0, scales[0], patterns, exclude, batch_dims=1)
+
+    def l2_term(w: dict) -> torch.Tensor:
+        if init[names[0]].device != w[names[0]].device:  # the group's device (a GPU), once
+            init.update({n: t.to(w[names[0]].device) for n, t in init.items()})
+        return sum(((p - init[n]) ** 2).flatten(1).sum(1) for n, p in w.items())
+
+    def regulariser(params: dict[str, torch.Tensor]) -> torch.Tensor:
+        first = next(iter(params.values()))
+        total = first.new_zeros(len(methods))
+        for key, rows, term in (("coupled_lambda", coupled, coupled_term), ("l2_init", l2, l2_term)):
+            if rows:
+                idx = torch.tensor(rows, device=first.device)
+                value = lams[key].to(first.device) * term({n: p.index_select(0, idx) for n, p in params.items()
+                                                           if n in reads[key]})
+                total = total.index_add(0, idx, value)
+        return total
+
+    return regulariser
 
 
 @torch.no_grad()

@@ -9,12 +9,13 @@ moments, RNG, steps log, per-task rows, ReDo masks) goes to ``ckpt.safetensors``
 at the next task, and a run stopped by a signal inside a task resumes at that step (fit's own checkpoint in
 ``fit/``). Either way it ends with the records of an uninterrupted run.
 
-Fused (``continual.fuse: true``, a pack's runs that differ only in their seed): the runs' sequences go through
-the tasks in step as one ``FusedRuns`` group (one batched model, one ``fit`` per task, the stacked optimizer
-carried across tasks); each run keeps its own data, boundary changes (Shrink & Perturb, ReDo on its slice of the
-moments), measurements, checkpoints and records. A run whose sequence ends early (diverged) is retired from the
-group. L2-init (its loss term holds the run's own θ₀) and optimizers without a stacked form train unfused. The
-group trains on the job's device (``auto``: the GPU when the job has one; one tiny run alone stays on the CPU).
+Fused (``continual.fuse: true``, a pack's runs of one ``fuse_key``: grid, benchmark, model): the runs' sequences
+go through the tasks in step as one ``FusedRuns`` group (one batched model, one ``fit`` per task, the stacked
+optimizer carried across tasks); each run keeps its own seed and data, optimizer of the Adam family with its decay
+and λ, loss terms (coupled isometry, L2-init with its own θ₀: ``bench.group_regulariser``), boundary changes
+(Shrink & Perturb, ReDo on its slice of the moments), measurements, checkpoints and records. A run whose sequence
+ends early (diverged) is retired from the group. Optimizers without a stacked form train unfused. The group trains
+on the job's device (``auto``: the GPU when the job has one; one tiny run alone stays on the CPU).
 """
 from __future__ import annotations
 
@@ -130,11 +131,13 @@ class Sequence:
         if self.method["redo_tau"] is not None:
             bench.redo_reset(model, fresh, opt, self.masks.get(f"{self.method['redo_tau']:g}", {}))
 
-    def task(self, t: int, item) -> bench.ContinualTask:
-        """Task ``t`` of the sequence, its tensors on the run's device (a fused group's may be a GPU)."""
+    def task(self, t: int, item, group_regulariser=None) -> bench.ContinualTask:
+        """Task ``t`` of the sequence, its tensors on the run's device (a fused group's may be a GPU); a fused group's
+        tasks carry the group's loss terms (``bench.group_regulariser``)."""
         x, y, perm, held_out = (None if v is None else v.to(self.run.device) if torch.is_tensor(v) else
                                 tuple(u.to(self.run.device) for u in v) for v in item)
-        return bench.ContinualTask(x, y, perm, self.spec["seed"], t, self.side, self.reg, test=held_out)
+        return bench.ContinualTask(x, y, perm, self.spec["seed"], t, self.side, self.reg, test=held_out,
+                                   group_regulariser=group_regulariser)
 
     def finish(self, t: int, task: bench.ContinualTask, last: FitResult, model) -> dict | None:
         """After task ``t``'s fit: merge its log, measure ``model``, add the task's rows. The boundary checkpoint's
@@ -227,15 +230,16 @@ def run_continual(spec: dict, out_dir: str | Path, *, threads: int = 1, on_error
 
 # what a run of a fused group holds apart: its training values that may differ in a group, and its change at a task
 # boundary (the method keys of those training values have the same names)
-PER_RUN_METHOD = PER_RUN_KEYS + ("shrink", "perturb", "redo_tau")
+PER_RUN_METHOD = PER_RUN_KEYS + ("shrink", "perturb", "redo_tau", "coupled_lambda", "l2_init")
 
 
 def fuse_key(spec: dict) -> str | None:
-    """Continual runs with equal keys train fused: the same grid, benchmark, model and loss (the coupled isometry
-    term and its λ); the seed, lr, optimizer of the Adam family, its decay and λ, and the method's change at a task
-    boundary (Shrink & Perturb, ReDo) are each run's own. SGD runs group apart; L2-init's θ₀ is one run's."""
+    """Continual runs with equal keys train fused: the same grid, benchmark and model; the seed, lr, optimizer of
+    the Adam family, its decay and λ, the method's loss terms (coupled isometry λ, L2-init λ: a group computes each
+    run's own, ``bench.group_regulariser``) and its change at a task boundary (Shrink & Perturb, ReDo) are each
+    run's own. SGD runs group apart."""
     optimizer = fit_config(spec)["optimizer"]
-    if optimizer not in FUSED_OPTIMIZERS or spec["method"]["l2_init"]:
+    if optimizer not in FUSED_OPTIMIZERS:
         return None
     shared = {k: v for k, v in spec.items() if k not in ("run_id", "seed", "method_name", "method")}
     method = {k: v for k, v in spec["method"].items() if k not in PER_RUN_METHOD}
@@ -256,6 +260,9 @@ def run_continual_fused(specs: list[dict], out_dirs: list, *, threads: int = 1, 
         # a group resumes together, from the task boundary all its runs reached, or starts again
         agreed = len({m.get("next_task") for m in metas}) == 1 and all(m.get("config_id") == i for m, i in zip(metas, ids))
         first, group, cfg = metas[0]["next_task"] if agreed else 0, None, seqs[0].cfg
+        # the runs' own loss terms over the stacked weights, θ₀ (L2-init) from the models as built from their seeds
+        terms = bench.group_regulariser([s.method for s in seqs], [s.model for s in seqs], cfg["isometry_patterns"],
+                                        cfg["isometry_exclude"])
         for t in range(seqs[0].g["tasks"]):
             items = [next(s.tasks) for s in seqs]  # every sequence is regenerated (seeded) up to the restart
             live = [r for r, s in enumerate(seqs) if not s.done]
@@ -263,10 +270,13 @@ def run_continual_fused(specs: list[dict], out_dirs: list, *, threads: int = 1, 
                 continue
             if not live:
                 break
-            tasks = [s.task(t, item) for s, item in zip(seqs, items)]
+            tasks = [s.task(t, item, terms) for s, item in zip(seqs, items)]
             if group is None:
                 group = FusedRuns([s.model for s in seqs], tasks, [s.cfg["lr"] for s in seqs], cfg, todo[0].device,
                                   run_cfgs=[s.cfg for s in seqs])
+                if group.grouped is None and terms is not None:  # the vmap path takes run 0's loss for every run
+                    raise ValueError(f"continual model {seqs[0].spec['model_name']!r} has no grouped forward "
+                                     f"(adaptlab.train.grouped): its runs with loss terms cannot train fused")
                 for r, s in enumerate(seqs):
                     if first:
                         s.resumed(*group.load_checkpoint(r, s.ckpt))

@@ -141,10 +141,10 @@ class FusedRuns:
             p.grad = None
         torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
         values_ok = ok.tolist()
-        if all(values_ok) and self.opt.all_trainable():  # nothing to mask: one norm per run
-            grads = [p.grad.flatten(1) for p in self.params.values() if p.grad is not None]
-            total = torch.linalg.vector_norm(torch.cat(grads, 1), dim=1)
-            return self._clipped(total, clip, values_ok)
+        if all(values_ok) and self.opt.all_trainable():  # nothing to mask: one norm per run, over its tensors' norms
+            norms = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in self.params.values()
+                     if p.grad is not None]
+            return self._clipped(torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1), clip, values_ok)
         norms = []
         for name, p in self.params.items():
             if p.grad is not None:  # frozen in a run: no gradient there (a diverged run's NaN stays out too)
