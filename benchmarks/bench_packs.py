@@ -11,8 +11,8 @@ and the speed-up over one run per process, all measured in this one invocation.
 
 - finetune: the Study 1 component grid (2 datasets × 7 trainable sets × 2 lrs = 28 runs), packs of 14;
 - icl: the unimodal sweep with 2 seeds (2 schemes × 2 K × 2 seeds = 8 runs), packs of 4 (one per scheme, fused);
-- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), packs of 14 (fused: the seeds of one
-  method in a pack step together; L2-init trains alone).
+- continual: the method grid with 3 seeds (9 methods × 3 seeds = 27 runs), packs of 14 (fused: a pack's runs step
+  together, across methods; ``continual.run.fuse_key``).
 
 Packs are sized so that there are at least as many packs as cores: a pack is one process on one core.
 
