@@ -230,6 +230,32 @@ def test_grouped_forward_and_step_equal_each_runs_model_and_the_vmapped_step(kin
         assert torch.allclose(g_g[k], g_v[k], rtol=1e-4, atol=1e-6), k
 
 
+def test_the_grouped_linear_gives_each_runs_gradients_also_under_bf16_autocast():
+    """train.grouped.linear's own backward = autograd through each run's F.linear (input, weight and bias); under
+    autocast (a GPU group's bf16) its gradients come back in each tensor's dtype."""
+    import torch.nn.functional as F
+
+    from adaptlab.train.grouped import linear
+
+    torch.manual_seed(0)
+    x, w, b = torch.randn(3, 2, 5, 4), torch.randn(3, 6, 4), torch.randn(3, 6)
+    upstream = torch.randn(3, 2, 5, 6)
+    ours = [t.clone().requires_grad_() for t in (x, w, b)]
+    (linear(*ours) * upstream).sum().backward()
+    for r in range(3):
+        each = [t[r].clone().requires_grad_() for t in (x, w, b)]
+        (F.linear(*each) * upstream[r]).sum().backward()
+        for mine, ref in zip(ours, each):
+            assert torch.allclose(mine.grad[r], ref.grad, rtol=1e-5, atol=1e-6)
+    half = [x, w.clone().requires_grad_(), b.clone().requires_grad_()]  # the input needs no gradient here
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(*half)
+    (out.float() * upstream).sum().backward()
+    assert out.dtype == torch.bfloat16 and half[1].grad.dtype == half[2].grad.dtype == torch.float32
+    for mine, ref in zip(half[1:], ours[1:]):
+        assert torch.allclose(mine.grad, ref.grad, rtol=0.05, atol=0.1)
+
+
 def test_a_model_the_grouped_forward_does_not_cover_takes_the_vmap_path():
     from timm.models.vision_transformer import VisionTransformer
 

@@ -314,30 +314,36 @@ def group_regulariser(methods: list[dict], models: list[nn.Module], patterns, ex
     if len(scales) > 1:  # continual.run.fuse_key keeps the scale a shared value
         raise ValueError(f"fused coupled-isometry runs must share isometry_scale, got {scales}")
     names = [n for n, _ in models[0].named_parameters()]
-    init = {n: torch.stack([dict(models[r].named_parameters())[n].detach() for r in l2]) for n in names} if l2 else {}
-    lams = {key: torch.tensor([float(methods[r][key]) for r in rows])
-            for key, rows in (("coupled_lambda", coupled), ("l2_init", l2))}
-    # the weights each term reads (the coupled penalty: the matrices it regularises)
-    matrices = set(select_isometry(models[0].named_parameters(), patterns, exclude)) if coupled else set()
-    reads = {"coupled_lambda": matrices, "l2_init": set(names)}
+    # per term: its runs, their λ, the weights it reads (the coupled penalty: the matrices it regularises) and its
+    # tensors (L2-init's θ₀), moved to the group's device at the first call
+    terms = {"coupled_lambda": {"rows": coupled, "tensors": {},
+                                "reads": set(select_isometry(models[0].named_parameters(), patterns, exclude))
+                                if coupled else set()},
+             "l2_init": {"rows": l2, "reads": set(names),
+                         "tensors": {n: torch.stack([dict(models[r].named_parameters())[n].detach() for r in l2])
+                                     for n in names} if l2 else {}}}
+    for key, term in terms.items():
+        term["idx"] = torch.tensor(term["rows"], dtype=torch.long)
+        term["lam"] = torch.tensor([float(methods[r][key]) for r in term["rows"]])
+    scale = scales[0] if scales else 1.0
 
-    def coupled_term(w: dict) -> torch.Tensor:
-        return coupled_isometry_loss(w.items(), 1.0, scales[0], patterns, exclude, batch_dims=1)
-
-    def l2_term(w: dict) -> torch.Tensor:
-        if init[names[0]].device != w[names[0]].device:  # the group's device (a GPU), once
-            init.update({n: t.to(w[names[0]].device) for n, t in init.items()})
+    def value(key: str, w: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> torch.Tensor:
+        if key == "coupled_lambda":
+            return coupled_isometry_loss(w.items(), 1.0, scale, patterns, exclude, batch_dims=1)
         return sum(((p - init[n]) ** 2).flatten(1).sum(1) for n, p in w.items())
 
     def regulariser(params: dict[str, torch.Tensor]) -> torch.Tensor:
         first = next(iter(params.values()))
         total = first.new_zeros(len(methods))
-        for key, rows, term in (("coupled_lambda", coupled, coupled_term), ("l2_init", l2, l2_term)):
-            if rows:
-                idx = torch.tensor(rows, device=first.device)
-                value = lams[key].to(first.device) * term({n: p.index_select(0, idx) for n, p in params.items()
-                                                           if n in reads[key]})
-                total = total.index_add(0, idx, value)
+        for key, term in terms.items():
+            if not term["rows"]:
+                continue
+            if term["idx"].device != first.device:
+                term.update(idx=term["idx"].to(first.device), lam=term["lam"].to(first.device),
+                            tensors={n: t.to(first.device) for n, t in term["tensors"].items()})
+            idx = term["idx"]
+            w = {n: p.index_select(0, idx) for n, p in params.items() if n in term["reads"]}
+            total = total.index_add(0, idx, term["lam"] * value(key, w, term["tensors"]))
         return total
 
     return regulariser

@@ -59,7 +59,8 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        flat, weight = ctx.saved_tensors
+        # under autocast the forward's matmul ran in the gradient's dtype (autograd casts each result to its input's)
+        flat, weight = (t.to(grad.dtype) for t in ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad
         return (torch.bmm(grad, weight) if need_x else None, torch.bmm(grad.mT, flat) if need_w else None,
                 grad.sum(1) if ctx.has_bias and need_b else None)
