@@ -301,49 +301,35 @@ def make_regulariser(method: dict, model: nn.Module, patterns, exclude):
     return lambda m: sum(t(m) for t in terms)
 
 
-def group_regulariser(methods: list[dict], models: list[nn.Module], patterns, exclude):
-    """The loss terms of a fused group's runs over their stacked weights ({name: (R, ...)}): (R,) values, each run's
-    own method's terms (``make_regulariser``: its coupled-isometry λ, its L2-init λ and θ₀, taken from ``models``
-    now) and 0 for a run without one. Each term is computed on the slices of the runs that have it only: a coupled
-    isometry penalty costs a Gram of every matrix. None when no run has a term."""
+def group_regulariser(methods: list[dict], models: list[nn.Module], patterns, exclude, device=None):
+    """The loss terms of a fused group's runs over their stacked weights ({name: (R, ...)} on ``device``): (R,)
+    values, each run's own method's terms (``make_regulariser``: its coupled-isometry λ, its L2-init λ and θ₀, taken
+    from ``models`` now) and 0 for a run without one. Each term is computed on the slices of the runs that have it
+    only: a coupled isometry penalty costs a Gram of every matrix. None when no run has a term."""
     coupled = [r for r, m in enumerate(methods) if m["coupled_lambda"]]
     l2 = [r for r, m in enumerate(methods) if m["l2_init"]]
-    if not coupled and not l2:
-        return None
     scales = sorted({methods[r]["isometry_scale"] for r in coupled})
     if len(scales) > 1:  # continual.run.fuse_key keeps the scale a shared value
         raise ValueError(f"fused coupled-isometry runs must share isometry_scale, got {scales}")
-    names = [n for n, _ in models[0].named_parameters()]
-    # per term: its runs, their λ, the weights it reads (the coupled penalty: the matrices it regularises) and its
-    # tensors (L2-init's θ₀), moved to the group's device at the first call
-    terms = {"coupled_lambda": {"rows": coupled, "tensors": {},
-                                "reads": set(select_isometry(models[0].named_parameters(), patterns, exclude))
-                                if coupled else set()},
-             "l2_init": {"rows": l2, "reads": set(names),
-                         "tensors": {n: torch.stack([dict(models[r].named_parameters())[n].detach() for r in l2])
-                                     for n in names} if l2 else {}}}
-    for key, term in terms.items():
-        term["idx"] = torch.tensor(term["rows"], dtype=torch.long)
-        term["lam"] = torch.tensor([float(methods[r][key]) for r in term["rows"]])
-    scale = scales[0] if scales else 1.0
-
-    def value(key: str, w: dict[str, torch.Tensor], init: dict[str, torch.Tensor]) -> torch.Tensor:
-        if key == "coupled_lambda":
-            return coupled_isometry_loss(w.items(), 1.0, scale, patterns, exclude, batch_dims=1)
-        return sum(((p - init[n]) ** 2).flatten(1).sum(1) for n, p in w.items())
+    named = [dict(m.named_parameters()) for m in models]
+    init = {n: torch.stack([named[r][n].detach() for r in l2]).to(device) for n in named[0]} if l2 else {}
+    terms = []  # (runs, method key of their λ, the weights the term reads, the term over those runs' stacked weights)
+    if coupled:
+        terms.append((coupled, "coupled_lambda", set(select_isometry(models[0].named_parameters(), patterns, exclude)),
+                      lambda w: coupled_isometry_loss(w.items(), 1.0, scales[0], patterns, exclude, batch_dims=1)))
+    if l2:
+        terms.append((l2, "l2_init", set(init), lambda w: sum(((p - init[n]) ** 2).flatten(1).sum(1)
+                                                              for n, p in w.items())))
+    if not terms:
+        return None
+    terms = [(torch.tensor(rows, device=device), torch.tensor([float(methods[r][key]) for r in rows], device=device),
+              reads, term) for rows, key, reads, term in terms]
 
     def regulariser(params: dict[str, torch.Tensor]) -> torch.Tensor:
-        first = next(iter(params.values()))
-        total = first.new_zeros(len(methods))
-        for key, term in terms.items():
-            if not term["rows"]:
-                continue
-            if term["idx"].device != first.device:
-                term.update(idx=term["idx"].to(first.device), lam=term["lam"].to(first.device),
-                            tensors={n: t.to(first.device) for n, t in term["tensors"].items()})
-            idx = term["idx"]
-            w = {n: p.index_select(0, idx) for n, p in params.items() if n in term["reads"]}
-            total = total.index_add(0, idx, term["lam"] * value(key, w, term["tensors"]))
+        total = next(iter(params.values())).new_zeros(len(methods))
+        for idx, lam, reads, term in terms:
+            w = {n: p.index_select(0, idx) for n, p in params.items() if n in reads}
+            total = total.index_add(0, idx, lam * term(w))
         return total
 
     return regulariser

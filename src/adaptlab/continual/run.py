@@ -262,7 +262,7 @@ def run_continual_fused(specs: list[dict], out_dirs: list, *, threads: int = 1, 
         first, group, cfg = metas[0]["next_task"] if agreed else 0, None, seqs[0].cfg
         # the runs' own loss terms over the stacked weights, θ₀ (L2-init) from the models as built from their seeds
         terms = bench.group_regulariser([s.method for s in seqs], [s.model for s in seqs], cfg["isometry_patterns"],
-                                        cfg["isometry_exclude"])
+                                        cfg["isometry_exclude"], todo[0].device)
         for t in range(seqs[0].g["tasks"]):
             items = [next(s.tasks) for s in seqs]  # every sequence is regenerated (seeded) up to the restart
             live = [r for r, s in enumerate(seqs) if not s.done]

@@ -141,16 +141,14 @@ class FusedRuns:
             p.grad = None
         torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
         values_ok = ok.tolist()
-        if all(values_ok) and self.opt.all_trainable():  # nothing to mask: one norm per run, over its tensors' norms
-            norms = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1) for p in self.params.values()
-                     if p.grad is not None]
-            return self._clipped(torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1), clip, values_ok)
-        norms = []
+        masked = not (all(values_ok) and self.opt.all_trainable())  # else every gradient is every run's own
+        norms = []  # per tensor, one norm per run; a run's norm is over its tensors' norms
         for name, p in self.params.items():
-            if p.grad is not None:  # frozen in a run: no gradient there (a diverged run's NaN stays out too)
-                keep = per_run(self.masks[name] & ok, p)
-                p.grad = torch.where(keep, p.grad, torch.zeros_like(p.grad))
-                norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1))
+            if p.grad is None:
+                continue
+            if masked:  # frozen in a run: no gradient there (a diverged run's NaN stays out too)
+                p.grad = torch.where(per_run(self.masks[name] & ok, p), p.grad, torch.zeros_like(p.grad))
+            norms.append(torch.linalg.vector_norm(p.grad.flatten(1), dim=1))
         return self._clipped(torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1), clip, values_ok)
 
     def _clipped(self, total: torch.Tensor, clip: float, ok: list[bool]) -> list[float]:
