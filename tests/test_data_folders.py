@@ -161,3 +161,19 @@ def test_image_folder_with_train_and_val_but_no_test(tmp_path):
     assert ds.num_classes == 2 and ds.meta["classes"] == ["a", "b"]
     assert len(ds.y_val) == 6  # the official val folder is used as is
     assert len(ds.y_train) + len(ds.y_test) == 20 and len(ds.y_test) == 4
+
+
+def test_the_digits_are_scikit_learns_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    data, target = loaders.sklearn_digits()
+    d = load_digits()
+    assert data.dtype == d.data.dtype and np.array_equal(data, d.data)
+    assert np.array_equal(target, d.target)
+    code = ("import sys; from adaptlab.data.loaders import sklearn_digits; x, y = sklearn_digits(); "
+            "print(x.shape, 'sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(1797,", "64)", "False"]  # its import costs a job 1.7 s

@@ -92,13 +92,13 @@ def load_inputs(bench: dict, seed: int, data_path=None) -> tuple[torch.Tensor, n
         idx = np.sort(rng.permutation(len(x_all))[:n])
         x = (_images(x_all[idx], d["grey"]) - d["mean"]) / d["std"]
         return x, y_all[idx].astype(np.int64), d["shape"]
-    from sklearn.datasets import load_digits
+    from adaptlab.data.loaders import sklearn_digits
 
-    d = load_digits()
-    idx = rng.permutation(len(d.target))[:n]
-    x = d.data[idx].astype(np.float32)
+    data, target = sklearn_digits()
+    idx = rng.permutation(len(target))[:n]
+    x = data[idx].astype(np.float32)
     x = (x - x.mean()) / x.std()
-    return torch.from_numpy(x), d.target[idx].astype(np.int64), 8
+    return torch.from_numpy(x), target[idx].astype(np.int64), 8
 
 
 def image_shape(shape) -> tuple[int, int, int] | None:
