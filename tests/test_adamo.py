@@ -127,6 +127,31 @@ def test_shape_rule_and_gradient():
     torch.testing.assert_close(isometry_grad(k), isometry_grad(k.reshape(6, -1)).reshape(k.shape))
 
 
+
+@pytest.mark.parametrize("shape,split,batch_dims", [((12, 5), 1, 0), ((5, 12), 1, 0), ((3, 24, 8), 3, 1),
+                                                    ((2, 6, 2, 3, 3), 1, 1)])
+def test_the_penalty_and_its_written_out_gradient_equal_autograd_through_the_gram(shape, split, batch_dims):
+    """isometry_penalty's backward is 4·W(G − sI) written out: the same values and gradients as autograd through
+    the Gram's definition (float64), also per run under vmap (a fused group's vmap path)."""
+    def by_definition(w):
+        m = w.reshape(*w.shape[:batch_dims + 1], -1)
+        total = 0
+        for b in (m.chunk(split, dim=batch_dims) if split > 1 else (m,)):
+            gram = b.mT @ b if b.shape[-2] >= b.shape[-1] else b @ b.mT
+            total = total + ((gram - 0.7 * torch.eye(gram.shape[-1], dtype=w.dtype)) ** 2).sum((-2, -1))
+        return total
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(shape[:batch_dims], dtype=torch.float64)
+    got, want = isometry_penalty(w, 0.7, split, batch_dims), by_definition(w)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    (g_got,), (g_want,) = (torch.autograd.grad(v, w, upstream, retain_graph=True) for v in (got, want))
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-12)
+    if batch_dims:
+        per_run = torch.func.vmap(torch.func.grad(lambda x: isometry_penalty(x, 0.7, split)))(w.detach())
+        torch.testing.assert_close(per_run, torch.autograd.grad(want.sum(), w)[0], rtol=1e-12, atol=1e-12)
+
 def test_selection_by_name_on_a_vit():
     vit = create_vit(TINY_MODEL, 4)
     chosen = select_isometry(vit.named_parameters())

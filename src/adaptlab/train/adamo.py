@@ -111,10 +111,34 @@ def isometry_penalty(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_
     m = m.float() if m.dtype in (torch.float16, torch.bfloat16) else m
     total = m.new_zeros(m.shape[:batch_dims])
     for b in (m.chunk(split, dim=batch_dims) if split > 1 else (m,)):
-        gram = b.mT @ b if b.shape[-2] >= b.shape[-1] else b @ b.mT
-        eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        total = total + ((gram - scale * eye) ** 2).sum((-2, -1))
+        total = total + _GramDeviation.apply(b, float(scale))[0]
     return total
+
+
+class _GramDeviation(torch.autograd.Function):
+    """‖G − sI‖²_F of a matrix (or of each of a batch), G its smaller Gram, with the gradient written out:
+    4·W(G − sI) for a tall or square W, 4·(G − sI)W for a wide one (``isometry_grad``'s formula). Autograd's own
+    backward through the Gram takes two matmuls per matrix (one per factor) where this takes one. Returns the
+    deviation G − sI too (saved for the backward; torch.func's rule: ``setup_context`` sees only outputs)."""
+
+    generate_vmap_rule = True  # a fused group's vmap path (train.fused) calls it per run
+
+    @staticmethod
+    def forward(m: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+        dev = dev - scale * torch.eye(dev.shape[-1], dtype=dev.dtype, device=dev.device)
+        return dev.square().sum((-2, -1)), dev
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        m, dev = ctx.saved_tensors
+        g = m @ dev if m.shape[-2] >= m.shape[-1] else dev @ m
+        return g * (4 * grad[..., None, None]), None
 
 
 def gram_deviation(w: torch.Tensor, scale: float = 1.0) -> float:

@@ -105,6 +105,8 @@ class StackedOptimizer:
             st = self.state.setdefault(name, {})
             # AdamO: ∇R at θ_t, before the Adam update, never in the moments (adamo.AdamO.step)
             iso = self._isometry_step(name, p, lr) if name in self.isometry else None
+            if iso is not None and iso[0] is not None:  # the step of the AdamO runs only: 0 for the others
+                iso = (None, torch.zeros_like(p).index_copy_(0, *iso))
             if self._any["l2"]:
                 g = g + per_run(self.l2, p) * p
             if self.sgd:
@@ -124,7 +126,7 @@ class StackedOptimizer:
                 denom = st["exp_avg_sq"].sqrt() / bc2 + cfg["eps"]
                 new = new - (lr / bc1) * st["exp_avg"] / denom
                 if iso is not None:
-                    new = new - iso
+                    new = new - iso[1]
             p.copy_(torch.where(keep, new, p))
 
     def all_trainable(self) -> bool:
@@ -165,9 +167,13 @@ class StackedOptimizer:
         kernel(params, [p.grad for p in params], [self.state[n]["exp_avg"] for n in names],
                [self.state[n]["exp_avg_sq"] for n in names], [], [step] * len(params), lr=lr, beta1=b1, beta2=b2,
                weight_decay=wd, eps=cfg["eps"], amsgrad=False, maximize=False)
-        for n, d in iso.items():
-            if d is not None:
-                self.params[n].sub_(d)
+        for n, step in iso.items():
+            if step is not None:
+                idx, d = step
+                if idx is None:
+                    self.params[n].sub_(d)
+                else:  # only the AdamO runs' slices move (no dense zeros for the others)
+                    self.params[n].index_add_(0, idx, d, alpha=-1)
 
     def _moments(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adam's (exp_avg, exp_avg_sq) of tensor ``name``, zeros the first time (allocated once, not per step)."""
@@ -176,9 +182,10 @@ class StackedOptimizer:
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
         return st["exp_avg"], st["exp_avg_sq"]
 
-    def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> torch.Tensor | None:
-        """η_iso·λ·∇R(W) of every run's slice (η_iso = ``isometry_lr_scale`` × the run's current lr; λ = 0 in a run
-        that is not AdamO's)."""
+    def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> tuple | None:
+        """(run indices, η_iso·λ·∇R(W) of those runs' slices): η_iso = ``isometry_lr_scale`` × the run's current lr.
+        The indices are the AdamO runs of a group that mixes optimizers, None when every run is AdamO's (the step
+        then covers all runs); None when no run is."""
         from adaptlab.train.adamo import isometry_grad, sigma_max_sq_bound, stability_check_due, warn_unstable
 
         if not self._any["iso"]:
@@ -189,7 +196,7 @@ class StackedOptimizer:
         if not self._warned and stability_check_due(self.t):
             self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(w, batch_dims=1), scale)
         step = coeff * isometry_grad(w, scale, self.isometry[name], batch_dims=1).to(p.dtype)
-        return step if idx is None else torch.zeros_like(p).index_copy_(0, idx, step)
+        return idx, step
 
     def state_of(self, r: int) -> dict[str, torch.Tensor]:
         return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
