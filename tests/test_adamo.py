@@ -152,6 +152,20 @@ def test_the_penalty_and_its_written_out_gradient_equal_autograd_through_the_gra
         per_run = torch.func.vmap(torch.func.grad(lambda x: isometry_penalty(x, 0.7, split)))(w.detach())
         torch.testing.assert_close(per_run, torch.autograd.grad(want.sum(), w)[0], rtol=1e-12, atol=1e-12)
 
+
+def test_the_penalty_stays_in_float32_under_bf16_autocast():
+    """A fused group's loss runs under the device's bf16 autocast (train.device.autocast): the penalty's Gram and
+    its written-out gradient stay in float32, the same as without autocast."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 24, 8, requires_grad=True)
+    plain = isometry_penalty(w, 1.0, 3, 1)
+    (g_plain,) = torch.autograd.grad(plain.sum(), w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = isometry_penalty(w, 1.0, 3, 1)
+    (g_auto,) = torch.autograd.grad(auto.sum(), w)
+    assert auto.dtype == g_auto.dtype == torch.float32
+    assert torch.equal(auto, plain) and torch.equal(g_auto, g_plain)
+
 def test_selection_by_name_on_a_vit():
     vit = create_vit(TINY_MODEL, 4)
     chosen = select_isometry(vit.named_parameters())

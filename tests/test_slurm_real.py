@@ -247,7 +247,9 @@ def test_a_stopped_training_job_checkpoints_and_its_retry_resumes_to_the_same_su
 
 def test_a_killed_controller_restarts_without_a_second_writer(cluster, tmp_path):
     work = copy_workflow(tmp_path / "wf")
-    _long_run_config(work)
+    # the orphan must still train when the restarted controller's job starts: ~40 s left after its first checkpoint
+    # (1500 steps of batch 32, ~10 s left, raced the unlock and the restart on a slow machine and finished first)
+    _long_run_config(work, _steps_lasting(60), 256)
     site_profile(work)
     proc = controller(work, _target(work), "--configfile", "configs/long.yaml")
     run = work / Path(_target(work)).parent

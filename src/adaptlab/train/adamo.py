@@ -119,15 +119,18 @@ class _GramDeviation(torch.autograd.Function):
     """‖G − sI‖²_F of a matrix (or of each of a batch), G its smaller Gram, with the gradient written out:
     4·W(G − sI) for a tall or square W, 4·(G − sI)W for a wide one (``isometry_grad``'s formula). Autograd's own
     backward through the Gram takes two matmuls per matrix (one per factor) where this takes one. Returns the
-    deviation G − sI too (saved for the backward; torch.func's rule: ``setup_context`` sees only outputs)."""
+    deviation G − sI too (saved for the backward; torch.func's rule: ``setup_context`` sees only outputs). Both
+    passes run outside autocast, in the input's dtype (at least float32, ``isometry_penalty``): under a GPU group's
+    bf16 autocast the Gram would come out bf16 and the backward would mix it with the float32 weights."""
 
     generate_vmap_rule = True  # a fused group's vmap path (train.fused) calls it per run
 
     @staticmethod
     def forward(m: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
-        dev = dev - scale * torch.eye(dev.shape[-1], dtype=dev.dtype, device=dev.device)
-        return dev.square().sum((-2, -1)), dev
+        with torch.autocast(m.device.type, enabled=False):
+            dev = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+            dev = dev - scale * torch.eye(dev.shape[-1], dtype=dev.dtype, device=dev.device)
+            return dev.square().sum((-2, -1)), dev
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -137,8 +140,9 @@ class _GramDeviation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _):
         m, dev = ctx.saved_tensors
-        g = m @ dev if m.shape[-2] >= m.shape[-1] else dev @ m
-        return g * (4 * grad[..., None, None]), None
+        with torch.autocast(m.device.type, enabled=False):
+            g = m @ dev if m.shape[-2] >= m.shape[-1] else dev @ m
+            return g * (4 * grad[..., None, None].to(g.dtype)), None
 
 
 def gram_deviation(w: torch.Tensor, scale: float = 1.0) -> float:
