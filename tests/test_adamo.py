@@ -127,7 +127,6 @@ def test_shape_rule_and_gradient():
     torch.testing.assert_close(isometry_grad(k), isometry_grad(k.reshape(6, -1)).reshape(k.shape))
 
 
-
 @pytest.mark.parametrize("shape,split,batch_dims", [((12, 5), 1, 0), ((5, 12), 1, 0), ((3, 24, 8), 3, 1),
                                                     ((2, 6, 2, 3, 3), 1, 1)])
 def test_the_penalty_and_its_written_out_gradient_equal_autograd_through_the_gram(shape, split, batch_dims):
@@ -165,6 +164,7 @@ def test_the_penalty_stays_in_float32_under_bf16_autocast():
     (g_auto,) = torch.autograd.grad(auto.sum(), w)
     assert auto.dtype == g_auto.dtype == torch.float32
     assert torch.equal(auto, plain) and torch.equal(g_auto, g_plain)
+
 
 def test_selection_by_name_on_a_vit():
     vit = create_vit(TINY_MODEL, 4)

@@ -70,19 +70,22 @@ def isometry_grad(w: torch.Tensor, scale: float = 1.0, split: int = 1, batch_dim
     if w32.dtype in (torch.float16, torch.bfloat16):  # the Gram in at least float32
         w32 = w32.float()
     blocks = w32.chunk(split, dim=batch_dims) if split > 1 else (w32,)
-    grads = []
-    for m in blocks:
-        rows, cols = m.shape[-2:]
-        if rows >= cols:  # tall or square: Gram WᵀW (cols × cols)
-            gram = m.mT @ m
-            gram.diagonal(dim1=-2, dim2=-1).sub_(scale)
-            grads.append(4.0 * (m @ gram))
-        else:  # wide: Gram WWᵀ (rows × rows)
-            gram = m @ m.mT
-            gram.diagonal(dim1=-2, dim2=-1).sub_(scale)
-            grads.append(4.0 * (gram @ m))
+    grads = [4.0 * _times_deviation(m, _deviation(m, scale)) for m in blocks]
     g = torch.cat(grads, dim=batch_dims) if split > 1 else grads[0]
     return g.reshape(out_shape)
+
+
+def _deviation(m: torch.Tensor, scale: float) -> torch.Tensor:
+    """G − sI, G the smaller Gram of ``m`` (of each of a batch): WᵀW (cols × cols) for a tall or square W, WWᵀ
+    (rows × rows) for a wide one."""
+    gram = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
+    gram.diagonal(dim1=-2, dim2=-1).sub_(scale)
+    return gram
+
+
+def _times_deviation(m: torch.Tensor, dev: torch.Tensor) -> torch.Tensor:
+    """W(G − sI) for a tall or square W, (G − sI)W for a wide one: ∇R(W) / 4."""
+    return m @ dev if m.shape[-2] >= m.shape[-1] else dev @ m
 
 
 def sigma_max_sq_bound(w: torch.Tensor, batch_dims: int = 0) -> float:
@@ -128,8 +131,7 @@ class _GramDeviation(torch.autograd.Function):
     @staticmethod
     def forward(m: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(m.device.type, enabled=False):
-            dev = m.mT @ m if m.shape[-2] >= m.shape[-1] else m @ m.mT
-            dev = dev - scale * torch.eye(dev.shape[-1], dtype=dev.dtype, device=dev.device)
+            dev = _deviation(m, scale)
             return dev.square().sum((-2, -1)), dev
 
     @staticmethod
@@ -141,7 +143,7 @@ class _GramDeviation(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, _):
         m, dev = ctx.saved_tensors
         with torch.autocast(m.device.type, enabled=False):
-            g = m @ dev if m.shape[-2] >= m.shape[-1] else dev @ m
+            g = _times_deviation(m, dev)
             return g * (4 * grad[..., None, None].to(g.dtype)), None
 
 
