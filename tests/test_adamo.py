@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from adaptlab.config import train_config
 from adaptlab.models.vit import create_vit
-from adaptlab.train.adamo import (AdamO, coupled_isometry_loss, gram_deviation, isometry_grad, isometry_param_groups,
-                                  isometry_penalty, select_isometry)
+from adaptlab.train.adamo import (AdamO, coupled_isometry_loss, gram_deviation, isometry_grad, isometry_grads,
+                                  isometry_param_groups, isometry_penalty, select_isometry)
 from adaptlab.train.optim import build_optimizer
 from conftest import TINY_MODEL, apply_grads, fixed_grads, small_mlp
 
@@ -150,6 +150,39 @@ def test_the_penalty_and_its_written_out_gradient_equal_autograd_through_the_gra
     if batch_dims:
         per_run = torch.func.vmap(torch.func.grad(lambda x: isometry_penalty(x, 0.7, split)))(w.detach())
         torch.testing.assert_close(per_run, torch.autograd.grad(want.sum(), w)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_the_matrices_of_one_shape_go_batched_and_give_each_matrixs_own_penalty_and_step():
+    """coupled_isometry_loss and isometry_grads stack the row blocks of one shape (a wide block transposed) into one
+    batched Gram: in float64 the sum and every tensor's ∇R equal each matrix on its own by the Gram's definition,
+    with a run dimension (a fused group) and without; a half-precision weight's step comes out float32."""
+    def own(b):  # the penalty and ∇R of one matrix by definition, its smaller Gram
+        b = b.detach().requires_grad_(True)
+        gram = b.T @ b if b.shape[0] >= b.shape[1] else b @ b.T
+        value = ((gram - 0.7 * torch.eye(gram.shape[0], dtype=b.dtype)) ** 2).sum()
+        return value.detach(), torch.autograd.grad(value, b)[0]
+
+    torch.manual_seed(0)
+    shapes = {"qkv": (24, 8), "proj": (8, 8), "fc1": (16, 8), "fc2": (8, 16), "conv": (6, 2, 3, 3), "head": (3, 8)}
+    chosen = {"qkv": 3, "proj": 1, "fc1": 1, "fc2": 1, "conv": 1, "head": 1}
+    for runs in ((), (4,)):
+        ws = {n: torch.randn(*runs, *s, dtype=torch.float64, requires_grad=True) for n, s in shapes.items()}
+        grads = dict(zip(ws, isometry_grads(list(ws.values()), 0.7, list(chosen.values()), batch_dims=len(runs))))
+        total = coupled_isometry_loss(ws.items(), 1.0, 0.7, exclude=["nothing"], splits={"qkv": 3},
+                                      batch_dims=len(runs))
+        assert total.shape == runs
+        for r in (range(runs[0]) if runs else [None]):
+            want = 0.0
+            for n, w in ws.items():
+                one = (w if r is None else w[r]).detach()
+                blocks = one.reshape(one.shape[0], -1).chunk(chosen[n])
+                values, steps = zip(*(own(b) for b in blocks))
+                want += sum(values)
+                got = grads[n] if r is None else grads[n][r]
+                torch.testing.assert_close(got, torch.cat(steps).reshape(one.shape), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(total if r is None else total[r], torch.as_tensor(want), rtol=1e-12, atol=1e-12)
+    half = isometry_grads([torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(16, 8, dtype=torch.bfloat16)])
+    assert all(g.dtype == torch.float32 for g in half)
 
 
 def test_the_penalty_stays_in_float32_under_bf16_autocast():

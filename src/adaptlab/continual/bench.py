@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adaptlab.train import grouped
-from adaptlab.train.adamo import coupled_isometry_loss, select_isometry
+from adaptlab.train.adamo import coupled_isometry_loss, select_isometry, summed_isometry_penalty
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,8 +315,9 @@ def group_regulariser(methods: list[dict], models: list[nn.Module], patterns, ex
     init = {n: torch.stack([named[r][n].detach() for r in l2]).to(device) for n in named[0]} if l2 else {}
     terms = []  # (runs, method key of their λ, the weights the term reads, the term over those runs' stacked weights)
     if coupled:
-        terms.append((coupled, "coupled_lambda", set(select_isometry(models[0].named_parameters(), patterns, exclude)),
-                      lambda w: coupled_isometry_loss(w.items(), 1.0, scales[0], patterns, exclude, batch_dims=1)))
+        chosen = select_isometry(models[0].named_parameters(), patterns, exclude)
+        terms.append((coupled, "coupled_lambda", set(chosen),
+                      lambda w: summed_isometry_penalty(w, chosen, scales[0], batch_dims=1)))
     if l2:
         terms.append((l2, "l2_init", set(init), lambda w: sum(((p - init[n]) ** 2).flatten(1).sum(1)
                                                               for n, p in w.items())))

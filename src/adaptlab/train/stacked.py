@@ -97,14 +97,15 @@ class StackedOptimizer:
         cfg, self.t = self.cfg, self.t + 1
         if not self.sgd and self._uniform(active):
             return self._fused_step()
+        # AdamO: ∇R at θ_t, before the Adam update, never in the moments (adamo.AdamO.step)
+        isos = self._isometry_steps([n for n, p in self.params.items() if p.grad is not None])
         for name, p in self.params.items():
             if p.grad is None:
                 continue
             keep = per_run(self.masks[name] & active, p)
             lr, g = per_run(self.lr, p), p.grad
             st = self.state.setdefault(name, {})
-            # AdamO: ∇R at θ_t, before the Adam update, never in the moments (adamo.AdamO.step)
-            iso = self._isometry_step(name, p, lr) if name in self.isometry else None
+            iso = isos.get(name)
             if iso is not None and iso[0] is not None:  # the step of the AdamO runs only: 0 for the others
                 iso = (None, torch.zeros_like(p).index_copy_(0, *iso))
             if self._any["l2"]:
@@ -147,8 +148,7 @@ class StackedOptimizer:
         cfg, lr = self.cfg, self.lr[0].item()
         names = [n for n, p in self.params.items() if p.grad is not None]
         params = [self.params[n] for n in names]
-        iso = {n: self._isometry_step(n, p, per_run(self.lr, p)) for n, p in zip(names, params)
-               if n in self.isometry}  # AdamO: ∇R at θ_t, before the Adam update
+        iso = self._isometry_steps(names)  # AdamO: ∇R at θ_t, before the Adam update
         for n, p in zip(names, params):
             self._moments(n, p)
         if self._one is not None:
@@ -157,23 +157,23 @@ class StackedOptimizer:
             wd = 0.0 if kind == "adamo" else wd
         else:
             kernel, wd = torch._fused_adam_, 0.0
-            for p in params:
-                if self._any["l2"]:
-                    p.grad.add_(per_run(self.l2, p) * p)
-                if self._any["decoupled"]:
-                    p.mul_(1 - lr * per_run(self.decoupled, p))
+            # one foreach call per decay, not an op per tensor: a small model's step is mostly per-op cost
+            if self._any["l2"]:
+                grads = [p.grad for p in params]
+                torch._foreach_add_(grads, torch._foreach_mul(params, [per_run(self.l2, p) for p in params]))
+            if self._any["decoupled"]:
+                decay = 1 - lr * self.decoupled
+                torch._foreach_mul_(params, [per_run(decay, p) for p in params])
         step = torch.tensor(float(self.t), device=params[0].device)
         b1, b2 = cfg["betas"]
         kernel(params, [p.grad for p in params], [self.state[n]["exp_avg"] for n in names],
                [self.state[n]["exp_avg_sq"] for n in names], [], [step] * len(params), lr=lr, beta1=b1, beta2=b2,
                weight_decay=wd, eps=cfg["eps"], amsgrad=False, maximize=False)
-        for n, step in iso.items():
-            if step is not None:
-                idx, d = step
-                if idx is None:
-                    self.params[n].sub_(d)
-                else:  # only the AdamO runs' slices move (no dense zeros for the others)
-                    self.params[n].index_add_(0, idx, d, alpha=-1)
+        for n, (idx, d) in iso.items():
+            if idx is None:
+                self.params[n].sub_(d)
+            else:  # only the AdamO runs' slices move (no dense zeros for the others)
+                self.params[n].index_add_(0, idx, d, alpha=-1)
 
     def _moments(self, name: str, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Adam's (exp_avg, exp_avg_sq) of tensor ``name``, zeros the first time (allocated once, not per step)."""
@@ -182,21 +182,26 @@ class StackedOptimizer:
             st["exp_avg"], st["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
         return st["exp_avg"], st["exp_avg_sq"]
 
-    def _isometry_step(self, name: str, p: torch.Tensor, lr: torch.Tensor) -> tuple | None:
-        """(run indices, η_iso·λ·∇R(W) of those runs' slices): η_iso = ``isometry_lr_scale`` × the run's current lr.
-        The indices are the AdamO runs of a group that mixes optimizers, None when every run is AdamO's (the step
-        then covers all runs); None when no run is."""
-        from adaptlab.train.adamo import isometry_grad, sigma_max_sq_bound, stability_check_due, warn_unstable
+    def _isometry_steps(self, names: list[str]) -> dict[str, tuple]:
+        """{name: (run indices, η_iso·λ·∇R(W) of those runs' slices)} of the AdamO matrices among ``names``:
+        η_iso = ``isometry_lr_scale`` × the run's current lr. The indices are the AdamO runs of a group that mixes
+        optimizers, None when every run is AdamO's (the step then covers all runs); empty when no run is. The
+        matrices' Grams go batched by shape (``adamo.isometry_grads``)."""
+        from adaptlab.train.adamo import isometry_grads, sigma_max_sq_bound, stability_check_due, warn_unstable
 
-        if not self._any["iso"]:
-            return None
+        names = [n for n in names if n in self.isometry]
+        if not self._any["iso"] or not names:
+            return {}
         scale, idx = self.cfg["isometry_scale"], self._iso_runs
-        w, lam = (p, self.iso_lambda) if idx is None else (p.index_select(0, idx), self.iso_lambda[idx])
-        coeff = self.cfg["isometry_lr_scale"] * per_run(lam, w) * (lr if idx is None else lr.index_select(0, idx))
+        ws = [self.params[n] if idx is None else self.params[n].index_select(0, idx) for n in names]
+        lam, lr = (self.iso_lambda, self.lr) if idx is None else (self.iso_lambda[idx], self.lr.index_select(0, idx))
+        coeff = self.cfg["isometry_lr_scale"] * lam * lr
         if not self._warned and stability_check_due(self.t):
-            self._warned = warn_unstable(coeff.max().item(), sigma_max_sq_bound(w, batch_dims=1), scale)
-        step = coeff * isometry_grad(w, scale, self.isometry[name], batch_dims=1).to(p.dtype)
-        return idx, step
+            for w in ws:
+                self._warned = self._warned or warn_unstable(coeff.max().item(), sigma_max_sq_bound(w, batch_dims=1),
+                                                             scale)
+        grads = isometry_grads(ws, scale, [self.isometry[n] for n in names], batch_dims=1)
+        return {n: (idx, per_run(coeff, g) * g.to(self.params[n].dtype)) for n, g in zip(names, grads)}
 
     def state_of(self, r: int) -> dict[str, torch.Tensor]:
         return {f"{name}/{key}": t[r].contiguous() for name, st in self.state.items() for key, t in st.items()}
