@@ -1,14 +1,15 @@
 """adaptlab.jobstart: a job's imports with the cyclic GC off (in a fresh process: it changes process-wide state)."""
+import json
 import subprocess
 import sys
 import textwrap
 
 CODE = """
-import gc, sys
+import gc, json, sys
 from adaptlab.jobstart import start_job
 if sys.argv[1] == "off":
     gc.disable()
-start_job()
+start_job(json.loads(sys.argv[2]) if len(sys.argv) > 2 else None)
 print(gc.isenabled(), "torch" in sys.modules, "timm" in sys.modules, gc.get_freeze_count())
 """
 
@@ -25,3 +26,15 @@ def test_start_job_imports_the_stack_and_restores_the_collector():
     assert (enabled, torch_in, timm_in) == ("True", "True", "True")
     assert int(frozen) > 100_000  # the imported modules' objects, out of later collections
     assert _run("off")[0] == "False"  # a collector the caller turned off stays off
+
+
+def _continual(kind: str) -> list:
+    return ["continual_run", {"model": {"kind": kind}}]
+
+
+def test_a_job_whose_runs_build_no_timm_model_does_not_import_timm():
+    mlp = _run("on", json.dumps([_continual("mlp"), _continual("mlp")]))
+    assert mlp[:3] == ["True", "True", "False"]  # torch, not timm (nor torchvision)
+    assert int(mlp[3]) > 50_000
+    for runs in ([_continual("mlp"), _continual("vit")], [["finetune", None]], [["icl_uni", {}]]):
+        assert _run("on", json.dumps(runs))[2] == "True", runs  # a ViT, a core rule, a study without the hook

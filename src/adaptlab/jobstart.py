@@ -7,6 +7,10 @@ processes). The imports run with it off; ``gc.freeze()`` then takes what they cr
 training loop triggers, which would otherwise rescan it. The collector is back on for the job's own work: runs
 build and drop models, and a job must not grow without bound.
 
+A job whose runs build no timm model (a continual MLP pack: ``adaptlab.continual.imports_timm``) does not import
+timm, torchvision and the parts of torch they pull in (torch._dynamo): ~1.5 s of its start. Nothing on the path
+from ``adaptlab.runner`` to such a run imports them at module level (``adaptlab.models`` loads its names lazily).
+
 Tried and left out: glibc's ``mallopt`` thresholds that keep freed blocks in the heap. They remove the ~700 page
 faults per step of a 12-run grouped ViT, but the step was no faster (30.8 vs 30.4 ms, median of 5).
 """
@@ -14,17 +18,31 @@ from __future__ import annotations
 
 import gc
 import importlib
+from typing import Iterable
 
 
-def start_job(modules: tuple[str, ...] = ("adaptlab.runner",)) -> None:
-    """Import ``modules`` (``adaptlab.runner`` brings in torch and timm) with the cyclic garbage collector off, then
-    freeze everything alive out of it; a collector the caller had turned off stays off."""
+def start_job(runs: Iterable[tuple[str, dict | None]] | None = None) -> None:
+    """Import the training stack (``adaptlab.runner``: torch) and timm with the cyclic garbage collector off, then
+    freeze everything alive out of it; a collector the caller had turned off stays off. ``runs``: the job's
+    (rule, spec) pairs; timm is left out when each run's study says it builds no timm model (``imports_timm``)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        for name in modules:
-            importlib.import_module(name)
+        importlib.import_module("adaptlab.runner")
+        if runs is None or any(imports_timm(rule, spec) for rule, spec in runs):
+            importlib.import_module("timm")
     finally:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def imports_timm(rule: str, spec: dict | None) -> bool:
+    """Whether a run of ``rule`` builds a timm model: its study's ``imports_timm(rule, spec)`` where the study has
+    one (the study whose section the rule's name starts with), else yes (a core rule's run, such as finetuning's, has
+    no study spec: None)."""
+    from adaptlab.studies import study, study_sections
+
+    section = next((s for s in study_sections() if rule.startswith(s)), None)
+    hook = getattr(study(section), "imports_timm", None) if section else None
+    return True if hook is None else bool(hook(rule, spec))

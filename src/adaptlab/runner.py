@@ -28,12 +28,11 @@ from adaptlab import preemption, records, run_dir
 from adaptlab.config import config_hash, pretrain_run_id, stable_json
 from adaptlab.data.store import load_dataset
 from adaptlab.fingerprint import code_fingerprint
-from adaptlab.models.vit import count_parameters, create_vit, load_model_weights, load_pretrained_weights, save_model_weights
 from adaptlab.train.device import resolve_device, set_cpu_math
 from adaptlab.train.fused import FUSED_OPTIMIZERS, FusedRuns, fused_config_id
 from adaptlab.train.loop import BEST_NAME, CKPT_NAME, FitResult, fit
 from adaptlab.train.tasks import ImageClassification
-from adaptlab.train.trainable import select_trainable
+from adaptlab.train.trainable import count_parameters, select_trainable
 
 MODEL_NAME = "model.safetensors"
 
@@ -232,6 +231,8 @@ def run_pretrain(spec: dict, data_path: str | Path, out_dir: str | Path, *, devi
                 "trainable": "full"}
     cfg = spec["train"]
 
+    from adaptlab.models.vit import create_vit, load_pretrained_weights, save_model_weights
+
     def body(run: Run) -> None:
         torch.manual_seed(spec["seed"])
         if spec["init"] == "file":
@@ -262,6 +263,8 @@ def _finetune_identity(run: dict) -> dict:
 
 def build_finetune(run: dict, model_cfg: dict, pretrained_path, data, device) -> tuple[torch.nn.Module, ImageClassification]:
     """A finetuning run's model (the backbone, a new head seeded by the run's seed, its trainable set) and task."""
+    from adaptlab.models.vit import create_vit, load_model_weights
+
     torch.manual_seed(run["seed"])  # the new head's init depends on the run's seed
     model = create_vit(model_cfg, data.num_classes)
     load_model_weights(model, pretrained_path, skip_head=True)

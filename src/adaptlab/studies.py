@@ -57,6 +57,8 @@ class Study(Protocol):
       that creates the table (for statistics SQL lacks). ``FIGURES``: name -> callable(con, path).
     - ``CLAIMS``: the paper's claims as data (``adaptlab.claims.Claim``, usually in ``<section>/claims.py``),
       checked over the results into the table ``paper_claims``.
+    - optionally ``imports_timm(rule, spec)``: False when that run builds no timm model, so its job skips importing
+      timm (``adaptlab.jobstart``); without it every job of the study imports timm.
 
     Its run module ``adaptlab.<section>.run`` maps rules to jobs (``RULES``) and, optionally, rules whose runs can
     train fused to ``(fuse_key(spec), job(specs, inputs, params, out_dirs, threads))`` (``FUSED``; adaptlab.packs).

@@ -1,10 +1,12 @@
 """One job of a study's rule: the rule's entry in ``adaptlab.<study>.run.RULES``, with this job's spec, inputs and
 params, inside the job log (adaptlab.studies.run_job)."""
+import json
+
 from adaptlab.jobstart import start_job
 
-start_job()  # torch and timm imported with the cyclic GC off (0.7 s of a job's start)
+# torch and timm (unless no run needs it) imported with the cyclic GC off (0.7 s of a job's start)
+start_job([(snakemake.rule, json.loads(snakemake.params.spec))])
 
-import json
 from pathlib import Path
 
 from adaptlab.joblog import job_log

@@ -16,6 +16,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 from adaptlab.config import ATTENTION_DEFAULTS
 from adaptlab.models.precond_attention import preconditioned_attention
+from adaptlab.train.trainable import count_parameters, is_head  # noqa: F401 - part of this module's surface
 
 
 # model.attention.kind -> the attn_layer it builds from the attention config (None: timm's own Attention)
@@ -49,10 +50,6 @@ def create_vit(model_cfg: dict, num_classes: int, **kwargs) -> VisionTransformer
         embed_dim=model_cfg["embed_dim"], depth=model_cfg["depth"], num_heads=model_cfg["num_heads"],
         mlp_ratio=model_cfg["mlp_ratio"], qkv_bias=True, class_token=True, global_pool="token", **kwargs,
     )
-
-
-def is_head(name: str) -> bool:
-    return name == "head" or name.startswith("head.")
 
 
 def load_pretrained_weights(model: VisionTransformer, path: str | Path) -> list[str]:
@@ -97,8 +94,3 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, skip_head: bool
         raise ValueError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total

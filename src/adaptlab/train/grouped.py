@@ -15,6 +15,7 @@ benchmarks and is not a maintained library; torch.func has no grouped layers.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -75,7 +76,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """nn.LayerNorm over the last dimension per run: weight and bias (R, D)."""
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
-    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], eps=eps), weight.view(shape))
+    # the normalisation with a unit affine: torch's CPU kernel without weight and bias takes a slower path (450 vs
+    # 270 µs at 6144 rows × 32), and x·1 + 0 is exact, so the result is bitwise the same
+    unit = _unit_affine(x.shape[-1], x.dtype, x.device)
+    return torch.addcmul(bias.view(shape), F.layer_norm(x, x.shape[-1:], *unit, eps=eps), weight.view(shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_affine(width: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(width, dtype=dtype, device=device), torch.zeros(width, dtype=dtype, device=device)
 
 
 def attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:

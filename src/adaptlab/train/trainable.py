@@ -1,7 +1,8 @@
 """Which parameters train: named sets of fnmatch patterns over parameter names, declared in the config.
 
 The classification head always trains in finetuning (it is new). Freezing is ``requires_grad = False``; the
-optimizer then only ever sees the trainable tensors (see optim.build_optimizer).
+optimizer then only ever sees the trainable tensors (see optim.build_optimizer). Imports no timm: a job whose
+models are not timm's (a continual MLP pack) does not pay its import (``adaptlab.jobstart``).
 """
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from fnmatch import fnmatchcase
 
 import torch
 
-from adaptlab.models.vit import is_head
+
+def is_head(name: str) -> bool:
+    """The classifier head's parameters (timm's ``head`` module): new in every finetuning run."""
+    return name == "head" or name.startswith("head.")
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
 
 
 def select_trainable(model: torch.nn.Module, patterns: list[str] | tuple[str, ...], head: bool = True) -> list[str]:
