@@ -25,6 +25,8 @@ def start_job(runs: Iterable[tuple[str, dict | None]] | None = None) -> None:
     """Import the training stack (``adaptlab.runner``: torch) and timm with the cyclic garbage collector off, then
     freeze everything alive out of it; a collector the caller had turned off stays off. ``runs``: the job's
     (rule, spec) pairs; timm is left out when each run's study says it builds no timm model (``imports_timm``)."""
+    from adaptlab.studies import imports_timm
+
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -36,13 +38,3 @@ def start_job(runs: Iterable[tuple[str, dict | None]] | None = None) -> None:
         if enabled:
             gc.enable()
 
-
-def imports_timm(rule: str, spec: dict | None) -> bool:
-    """Whether a run of ``rule`` builds a timm model: its study's ``imports_timm(rule, spec)`` where the study has
-    one (the study whose section the rule's name starts with), else yes (a core rule's run, such as finetuning's, has
-    no study spec: None)."""
-    from adaptlab.studies import study, study_sections
-
-    section = next((s for s in study_sections() if rule.startswith(s)), None)
-    hook = getattr(study(section), "imports_timm", None) if section else None
-    return True if hook is None else bool(hook(rule, spec))

@@ -134,3 +134,12 @@ def run_job(rule: str, spec: dict, inputs: dict, params: dict, out_dir, threads:
     """One Snakemake job of a study's rule: ``adaptlab.<section>.run.RULES[rule]`` (the study found by its rule
     name) called with the run's spec, the job's named inputs and params, its run directory and thread count."""
     return study_run_module(rule).RULES[rule](spec, inputs, params, out_dir, threads)
+
+
+def imports_timm(rule: str, spec: dict | None) -> bool:
+    """Whether a run of ``rule`` builds a timm model (``adaptlab.jobstart``): its study's optional
+    ``imports_timm(rule, spec)`` (the study whose section the rule's name starts with, as ``study_run_module``
+    looks first), else yes; a core rule's run, such as finetuning's, has no study spec (None)."""
+    section = next((s for s in study_sections() if rule.startswith(s)), None)
+    hook = getattr(study(section), "imports_timm", None) if section else None
+    return True if hook is None else bool(hook(rule, spec))

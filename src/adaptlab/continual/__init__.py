@@ -83,10 +83,10 @@ def specs(cfg: dict) -> dict[str, dict]:
     return out
 
 
-
 def imports_timm(rule: str, spec: dict) -> bool:
     """A run's job needs timm only for a ViT (``adaptlab.jobstart``): an MLP sequence's job skips its import."""
     return spec["model"]["kind"] != "mlp"
+
 
 KEYS = "grid, benchmark, model, method"
 # (column, metric, layer) of continual_tasks

@@ -92,5 +92,3 @@ def load_model_weights(model: torch.nn.Module, path: str | Path, skip_head: bool
     missing, unexpected = model.load_state_dict(state, strict=not skip_head)
     if unexpected or [k for k in missing if not is_head(k)]:
         raise ValueError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
-
-
