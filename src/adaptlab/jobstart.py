@@ -37,4 +37,3 @@ def start_job(runs: Iterable[tuple[str, dict | None]] | None = None) -> None:
         gc.freeze()
         if enabled:
             gc.enable()
-
