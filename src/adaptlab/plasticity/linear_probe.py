@@ -23,7 +23,7 @@ def features(model, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     for start in range(0, len(images), batch_size):
         x = model.blocks(embed(model, images[start:start + batch_size]))
         out.append(F.normalize(x.mean(dim=1).double(), dim=-1))
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()  # the model may sit on a GPU; scikit-learn fits on the host
 
 
 def linear_probe(train: tuple[np.ndarray, np.ndarray], evals: dict[str, tuple[np.ndarray, np.ndarray]], *,
