@@ -6,8 +6,10 @@
 # members are restored from their kept records (adaptlab.run_dir), not retrained. A pack has its highest member's
 # priority (the packed rule's `priority:`), so that the long or upstream runs a rule file puts first still go
 # first when Snakemake has more ready jobs than cores. On a cluster a pack asks for the
-# packed rule's resources (profiles/slurm): the runtime of all its members one after another, or of one member
-# when the pack trains fused (its runs step together).
+# packed rule's resources (profiles/slurm) with the runtime of all its members one after another, fused or not:
+# a fused group takes longer than one member (README: 33 continual runs step in 1.8-2.8x one run's time on an
+# H200, a 12-run group 4-5x on one CPU core), a job that outlives its time limit is killed, and the members one
+# after another is the bound the profile's per-run runtime gives.
 
 
 from snakemake.resources import Resource
@@ -19,12 +21,12 @@ def pack_threads(rule):
     return cores.value if isinstance(cores, Resource) and not cores.is_evaluable() else 1
 
 
-def pack_resources(rule, n_members, fused):
-    """The packed rule's --set-resources (profile) entry, ``runtime`` × the members that run one after another
-    (Snakemake's own parsed ``Resource`` objects: the rule gets them as its own rule would)."""
+def pack_resources(rule, n_members):
+    """The packed rule's --set-resources (profile) entry, ``runtime`` × the pack's members (Snakemake's own parsed
+    ``Resource`` objects: the rule gets them as its own rule would)."""
     res = dict(workflow.resource_settings.overwrite_resources.get(rule, {}))
     runtime = res.get("runtime")
-    if runtime is not None and not runtime.is_evaluable() and not fused:
+    if runtime is not None and not runtime.is_evaluable():
         res["runtime"] = Resource("runtime", runtime.value * n_members)
     return res
 
@@ -48,5 +50,5 @@ for _pack, _members, _priority in run_packs():
         priority: _priority
         script:
             "../workflow/scripts/pack_run.py"
-    for _name, _res in pack_resources(_pack.rule, len(_members), _pack.fuse).items():
+    for _name, _res in pack_resources(_pack.rule, len(_members)).items():
         getattr(rules, _pack.name).rule.resources[_name] = _res
