@@ -1,5 +1,6 @@
 """GPU readiness without a GPU: a job given a GPU that torch cannot see fails loudly, the GPU-only speed switches
-leave CPU runs unchanged, and benchmarks/gpu_check.py runs (its CPU smoke path) and says when there is no GPU."""
+leave CPU runs unchanged, and benchmarks/gpu_check.py and gpu_packs.py run (tiny, on the CPU) and say when there is
+no GPU."""
 from __future__ import annotations
 
 import os
@@ -155,3 +156,24 @@ def test_a_failing_study_is_reported_and_the_others_still_run(tmp_path, monkeypa
     results = gpu_studies.run_all(tmp_path, "cpu", say=lines.append)
     assert results == {"plasticity": True, "precond": False, "peft": False, "icl": True, "continual": True}
     assert any(line.split()[:2] == ["precond", "FAILED"] and "illegal memory access" in line for line in lines)
+
+
+def test_gpu_packs_times_each_mode_in_its_own_processes_and_compares_the_records():
+    """benchmarks/gpu_packs.py on the CPU, tiny: one run per process, the pack and the fused pack of the ICL slice
+    each end with every run ok, runs/min is runs over wall time, and the fused records match the packed ones."""
+    script = str(REPO / "benchmarks/gpu_packs.py")
+    proc = subprocess.run([sys.executable, script, "--device", "cpu", "--scenarios", "icl", "--icl-steps", "4",
+                           "--one-runs", "1"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+            if line.split()[:1] in (["one"], ["packed"], ["fused"]) and len(line.split()) == 5}
+    assert [int(rows[m][1]) for m in ("one", "packed", "fused")] == [1, 8, 8]
+    for mode, (_, runs, wall, rate, speedup) in rows.items():
+        assert float(rate) == pytest.approx(int(runs) / float(wall) * 60, rel=0.02, abs=0.05), mode
+    assert rows["one"][4] == "1.00x"
+    summary = next(line for line in proc.stdout.splitlines() if "packed vs fused icl_ic_acc over 8 runs" in line)
+    assert "status ok: packed 8/8, fused 8/8" in summary
+    assert float(summary.split("max |diff| ")[1].split(",")[0]) <= 0.01  # 4 steps: fused = one by one to rounding
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, script], capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 0 and "no CUDA GPU" in proc.stdout
