@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -59,24 +60,19 @@ def scenario_specs(name: str, icl_steps: int, tasks: int) -> list[dict]:
 
 
 def worker(mode: str, rule: str, specs: list[dict], outs: list[str], device: str) -> int:
-    """One job's process: imports as a job does, then the runs (one, one after another, or fused)."""
+    """One job's process: imports as a job does, then the runs (one, one after another, or fused) through the jobs
+    the rule's own Snakemake jobs call (``studies.run_job``, the run module's ``FUSED``), with no inputs (none of
+    these runs reads a file) and the job's params (``device``; continual's jobs take the job's device, ``auto``)."""
     from adaptlab.jobstart import start_job
+    from adaptlab.studies import run_job, study_run_module
 
     start_job([(rule, s) for s in specs])
-    if rule == "icl_uni":
-        from adaptlab.icl.run import run_icl, run_icl_fused
-
-        if mode == "fused":
-            rows = run_icl_fused(specs, outs, [None] * len(specs), device=device, on_error="record")
-        else:
-            rows = [run_icl(s, o, device=device, on_error="record") for s, o in zip(specs, outs)]
+    params = {"device": device, "on_error": "record"}
+    if mode == "fused":
+        fused_job = study_run_module(rule).FUSED[rule][1]
+        rows = fused_job(specs, [{}] * len(specs), [params] * len(specs), outs, 1)
     else:
-        from adaptlab.continual.run import run_continual, run_continual_fused
-
-        if mode == "fused":
-            rows = run_continual_fused(specs, outs, device=device, on_error="record")
-        else:  # pinned to the CPU by run_continual
-            rows = [run_continual(s, o, on_error="record") for s, o in zip(specs, outs)]
+        rows = [run_job(rule, s, {}, params, o, 1) for s, o in zip(specs, outs)]
     bad = [r.get("run_id") for r in rows if r.get("status") != "ok"]
     if bad:
         print(f"worker {mode}: runs not ok: {bad}", file=sys.stderr)
@@ -86,8 +82,10 @@ def worker(mode: str, rule: str, specs: list[dict], outs: list[str], device: str
 def spawn(root: Path, mode: str, rule: str, specs: list[dict], outs: list[str], device: str) -> float:
     job = root / f"job_{mode}_{len(list(root.glob('job_*')))}.json"
     job.write_text(json.dumps({"mode": mode, "rule": rule, "specs": specs, "outs": outs, "device": device}))
+    # a CPU job sees no GPU: continual's jobs take ``device: auto``, which would otherwise pick a visible one
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--worker", str(job)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--worker", str(job)], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(f"{mode} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -95,9 +93,9 @@ def spawn(root: Path, mode: str, rule: str, specs: list[dict], outs: list[str], 
 
 
 def metrics(outs: list[str], column: str) -> tuple[list, list]:
-    import pyarrow.parquet as pq
+    from adaptlab.records import read_summary
 
-    rows = [pq.read_table(Path(o) / "summary.parquet").to_pylist()[0] for o in outs]
+    rows = [read_summary(Path(o) / "summary.parquet") for o in outs]
     return [r.get(column) for r in rows], [r["status"] for r in rows]
 
 
