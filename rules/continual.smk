@@ -1,5 +1,6 @@
 # Study 5 (adaptlab.continual): continual-learning plasticity benchmark, one job per
 # grid × benchmark × model × method × seed. `snakemake continual_runs` runs this study alone.
+from adaptlab.continual import layout as continual_layout
 
 
 def continual_inputs(wc):
@@ -40,7 +41,8 @@ rule continual_runs:
         [summary_file(r) for r in STUDY_SPECS["continual"]],
 
 
-# `continual.pack: N`: up to N runs of one grid and benchmark in one job (rules/packs.smk); with `continual.fuse:
+# `continual.pack: N` (a grid's own `pack` in its place): up to N runs of one grid and benchmark in one job (rules/packs.smk); with `continual.fuse:
 # true` the runs of a pack that share a loss (continual.run.fuse_key) train as one batched model
 packable(rules.continual_run, {r: summary_file(r) for r in STUDY_SPECS["continual"]}, by=("cgrid", "cbench"),
-         size=lambda wc: CFG["continual"]["pack"], fuse=lambda wc: CFG["continual"]["fuse"])
+         size=lambda wc: continual_layout(CFG, wc["cgrid"], "pack"),
+         fuse=lambda wc: continual_layout(CFG, wc["cgrid"], "fuse"))

@@ -179,6 +179,8 @@ def test_pack_and_fuse_are_not_part_of_any_runs_spec():
     cfg["icl"]["fuse"] = True
     for grid in cfg["finetune"]["grids"].values():
         grid.update(pack=3, fuse=True)
+    for grid in cfg["continual"]["grids"].values():  # a grid's own layout, in place of the section's
+        grid.update(pack=2, fuse=True)
     from adaptlab.config import validate_config
 
     packed = validate_config(cfg)
@@ -197,19 +199,26 @@ def test_a_pack_asks_the_cluster_for_its_rules_resources(tmp_path):
     cfg = yaml.safe_load((wd / "configs/test.yaml").read_text())
     cfg["finetune"]["grids"]["main"]["pack"] = 4
     cfg["finetune"]["grids"]["components"].update(pack=2, fuse=True)
+    cfg["continual"]["grids"]["t"].update(seeds=[0, 1], pack=2)  # a grid's own pack (continual.pack stays 1)
     (wd / "configs/packed.yaml").write_text(yaml.safe_dump(cfg))
     proc = snakemake(wd, "-n", "--profile", "profiles/slurm", "--configfile", "configs/packed.yaml")
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
-    entry = yaml.safe_load((wd / "profiles/slurm/config.yaml").read_text())["set-resources"]["finetune"]
+    entries = yaml.safe_load((wd / "profiles/slurm/config.yaml").read_text())["set-resources"]
     res = {rule: dict(kv.split("=", 1) for kv in found.split(", ")) for rule, found in
            re.findall(r"^[ \t]*rule (\w+_pack_\w+):\n(?:[ \t]+.*\n)*?[ \t]+resources: (.*)\n", log, flags=re.M)}
-    assert set(res) == {"finetune_pack_main_noisy_0", "finetune_pack_main_digits_0", "finetune_pack_components_noisy_0"}
+    # the continual grid's 4 runs (2 methods × 2 seeds) in 2 packs of 2, none left to the rule's own job
+    assert set(res) == {"finetune_pack_main_noisy_0", "finetune_pack_main_digits_0", "finetune_pack_components_noisy_0",
+                        "continual_run_pack_t_rl_0", "continual_run_pack_t_rl_1"}
+    assert not re.search(r"^[ \t]*rule continual_run:\n", log, flags=re.M)
+    entry = entries["finetune"]
     for rule, r in res.items():
-        assert r["slurm_partition"] == entry["slurm_partition"] and r["gpu"] == "1"
-        assert int(r["mem_mb"]) == entry["mem_mb"] and int(r["cpus_per_task"]) == entry["cpus_per_task"]
+        own = entries[rule.split("_pack_")[0]]
+        assert r["slurm_partition"] == own["slurm_partition"] and r.get("gpu") == ("1" if own is entry else None)
+        assert int(r["mem_mb"]) == own["mem_mb"] and int(r["cpus_per_task"]) == own["cpus_per_task"]
     assert int(res["finetune_pack_main_noisy_0"]["runtime"]) == 4 * entry["runtime"]
     assert int(res["finetune_pack_components_noisy_0"]["runtime"]) == 2 * entry["runtime"]  # fused: an upper bound
+    assert int(res["continual_run_pack_t_rl_0"]["runtime"]) == 2 * entries["continual_run"]["runtime"]
 
 
 def test_a_pack_has_its_highest_members_priority(tmp_path):

@@ -20,6 +20,7 @@ import re
 from adaptlab.config import ConfigError
 from adaptlab.continual.claims import CLAIMS
 from adaptlab.continual.schema import RAW_SCHEMA, SUMMARY_FIELDS
+from adaptlab.packs import LAYOUT_KEYS
 
 # the Study surface (adaptlab.studies.Study)
 __all__ = ["SECTION", "RUN_IDS", "check", "specs", "SUMMARY_FIELDS", "RAW_TABLES", "TABLES", "FIGURES", "CLAIMS"]
@@ -70,7 +71,8 @@ def specs(cfg: dict) -> dict[str, dict]:
         return {}
     sec, out = cfg[SECTION], {}
     for gname, grid in sec["grids"].items():
-        grid_cfg = {k: v for k, v in grid.items() if k not in ("benchmarks", "models", "methods", "seeds")}
+        # a grid's pack and fuse say how its runs are laid out in jobs, not what a run is
+        grid_cfg = {k: v for k, v in grid.items() if k not in ("benchmarks", "models", "methods", "seeds", *LAYOUT_KEYS)}
         for b in grid["benchmarks"]:
             for m in grid["models"]:
                 for meth in grid["methods"]:
@@ -81,6 +83,12 @@ def specs(cfg: dict) -> dict[str, dict]:
                                     "model_name": m, "model": sec["models"][m],
                                     "method_name": meth, "method": sec["methods"][meth]}
     return out
+
+
+def layout(cfg: dict, grid: str, key: str):
+    """A grid's ``pack`` or ``fuse``: its own when set, else the section's (rules/continual.smk)."""
+    own = cfg[SECTION]["grids"][grid].get(key)
+    return cfg[SECTION][key] if own is None else own
 
 
 def imports_timm(rule: str, spec: dict) -> bool:
