@@ -41,8 +41,9 @@ rule continual_runs:
         [summary_file(r) for r in STUDY_SPECS["continual"]],
 
 
-# `continual.pack: N` (a grid's own `pack` in its place): up to N runs of one grid and benchmark in one job (rules/packs.smk); with `continual.fuse:
-# true` the runs of a pack that share a loss (continual.run.fuse_key) train as one batched model
+# `continual.pack: N` (a grid's own `pack` in its place): up to N runs of one grid and benchmark in one job
+# (rules/packs.smk); with `continual.fuse: true` (or the grid's `fuse`) the runs of a pack that share a loss
+# (continual.run.fuse_key) train as one batched model
 packable(rules.continual_run, {r: summary_file(r) for r in STUDY_SPECS["continual"]}, by=("cgrid", "cbench"),
          size=lambda wc: continual_layout(CFG, wc["cgrid"], "pack"),
          fuse=lambda wc: continual_layout(CFG, wc["cgrid"], "fuse"))
