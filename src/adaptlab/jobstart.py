@@ -12,12 +12,13 @@ timm, torchvision and the parts of torch they pull in (torch._dynamo): ~1.5 s of
 from ``adaptlab.runner`` to such a run imports them at module level (``adaptlab.models`` loads its names lazily).
 
 Freed memory stays in the process (``keep_freed_memory``, glibc's ``mallopt``). By default glibc serves blocks
-over 128 KiB to 32 MiB (a stacked weight of a 12-run group: 768 KiB) from fresh ``mmap`` pages or gives the top of
-its heap back to the kernel when they are freed, so the next step's tensors fault their pages in again: ~620 page
-faults per step of a 12-run continual MLP group with AdamO runs, whose isometry step allocates (12, 128, 128)
-Grams. Kept in the heap, the step takes 5.7-6.2 ms instead of 8.3-9.1 (``benchmarks/bench_fused_step.py``,
-``--malloc`` both); a 12-run ViT group's 26-30 ms gain 2-7 %. The price: a job's resident memory does not shrink
-after its peak, which a job holding one pack's tensors can afford.
+from 128 KiB up from fresh ``mmap`` pages and gives the top of its heap back to the kernel, so a training step's
+tensors, freed and allocated again every step, fault their pages in again: ~620 page faults per step of a 12-run
+continual MLP group with AdamO runs, whose isometry step allocates (12, 128, 128) Grams. With the blocks kept in the
+heap a step of that group takes 5.9-7.0 ms instead of 8.5-8.8 (min of 5 timings, two workers each,
+``benchmarks/bench_malloc.py``); a 12-run ViT group 26.8-27.1 ms instead of 28.3-30.1, and 12 Adam-only MLP runs,
+which allocate less, about the same. The price: a job's resident memory does not shrink after its peak, which a job
+that holds one pack's tensors can afford.
 """
 from __future__ import annotations
 
