@@ -17,8 +17,9 @@ print(gc.isenabled(), "torch" in sys.modules, "timm" in sys.modules, gc.get_free
 """
 
 
-def _run(*args: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(CODE), *args], capture_output=True, text=True,
+def _run(*args: str, code: str = CODE) -> list[str]:
+    """The words ``code`` prints, run in a fresh process with ``args``."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout.split()
@@ -61,12 +62,7 @@ print(kept, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 5)
 def test_keep_freed_memory_reuses_freed_pages_instead_of_faulting_them_in_again():
     if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
         pytest.skip("mallopt is glibc's")
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(FAULTS), mode], capture_output=True, text=True,
-                             timeout=120)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.split()
-    default, kept = faults("default"), faults("keep")
+    default, kept = _run("default", code=FAULTS), _run("keep", code=FAULTS)
     assert kept[0] == "True"
     assert int(default[1]) > 8_000  # glibc's defaults: the 64 MiB come back from the kernel every round
     assert int(kept[1]) < 500      # kept in the heap: the same pages again
