@@ -1,13 +1,15 @@
 """Milliseconds per training step and run: one continual run alone vs its seeds fused (``train.fused.FusedRuns``).
 
-    python benchmarks/bench_fused_step.py [--steps 300] [--groups 3,6,11] [--models mlp,vit] [--device cpu]
+    python benchmarks/bench_fused_step.py [--steps 300] [--groups 3,6,11] [--models mlp,vit] [--device cpu] [--bf16]
 
 The models are ``configs/cpu.yaml``'s continual MLP (3 × 128, 64 inputs) and tiny ViT (width 32, 2 blocks, 16
 tokens of 2×2 pixels) on 8×8 single-channel inputs with 10 random labels, the preset's batch (32) and fused Adam
 kernel (``fused_adam``), Adam at lr 3e-3, each step
 through the loop's own group methods (set_lr, the vmapped loss with online accuracy, backward and grad norm, the
 optimizer step): what ``fit`` does per step, without evaluation or logging. Printed: ms per step for the group
-and per run, and the per-run speed-up over the run alone, all measured in this one invocation.
+and per run, and the per-run speed-up over the run alone, all measured in this one invocation. ``--bf16`` times
+every step (the run alone's too) under the CPU's bf16 autocast: not what a CPU run trains with (it changes the
+numerics), a measure of what lower precision would buy here.
 """
 from __future__ import annotations
 
@@ -37,10 +39,12 @@ def _model(kind: str, seed: int) -> torch.nn.Module:
     return build_model(MODELS[kind], 64, 8, 10)
 
 
-def ms_per_step(group, steps: int, batch: int = 32) -> float:
+def ms_per_step(group, steps: int, batch: int = 32, bf16: bool = False) -> float:
     def step(s: int) -> None:
         group.set_lr(1.0)
-        loss, values = group.losses(s, batch)
+        # an outer autocast reaches the loop's forward (on the CPU the loop's own context is a no-op)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, values = group.losses(s, batch)
         group.backward_clip(loss, values, math.inf)
         group.step([True] * group.n)
 
@@ -64,20 +68,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--models", default=",".join(MODELS), help="which of " + ", ".join(MODELS))
+    ap.add_argument("--bf16", action="store_true", help="every step under the CPU's bf16 autocast")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cfg = train_config({"optimizer": "adam", "lr": 3e-3, "weight_decay": 0.0, "clip_grad": None, "steps": args.steps,
                         "batch_size": args.batch, "warmup_steps": 0, "min_lr_factor": 1.0, "fused_adam": True})
     print(f"{'model':5s} {'runs':>4s} {'ms/step':>8s} {'ms/step/run':>12s} {'speed-up':>9s}  ({device}, "
-          f"{args.threads} thread(s))")
+          f"{args.threads} thread(s){', bf16 autocast' if args.bf16 else ''})")
     for kind in args.models.split(","):
-        alone = ms_per_step(OneRun(_model(kind, 0), _task(0, device), cfg, device), args.steps, args.batch)
+        alone = ms_per_step(OneRun(_model(kind, 0), _task(0, device), cfg, device), args.steps, args.batch,
+                            args.bf16)
         print(f"{kind:5s} {1:4d} {alone:8.3f} {alone:12.3f} {1.0:8.2f}x", flush=True)
         for n in map(int, args.groups.split(",")):
             group = FusedRuns([_model(kind, s) for s in range(n)], [_task(s, device) for s in range(n)],
                               [3e-3] * n, cfg, device)
-            ms = ms_per_step(group, args.steps, args.batch)
+            ms = ms_per_step(group, args.steps, args.batch, args.bf16)
             print(f"{kind:5s} {n:4d} {ms:8.3f} {ms / n:12.3f} {alone / (ms / n):8.2f}x", flush=True)
 
 
