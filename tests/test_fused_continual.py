@@ -259,9 +259,15 @@ def test_the_grouped_linear_gives_each_runs_gradients_also_under_bf16_autocast()
 def test_a_model_the_grouped_forward_does_not_cover_takes_the_vmap_path():
     from timm.models.vision_transformer import VisionTransformer
 
+    from adaptlab.models.vit import create_vit
     from adaptlab.train.grouped import grouped_forward
 
-    with_class_token = VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8, depth=1,
-                                         num_heads=2)
-    assert grouped_forward(with_class_token) is None
+    small = {"img_size": 8, "patch_size": 4, "embed_dim": 8, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}
+    assert grouped_forward(create_vit(small, 10)) is not None  # a class token read by token pooling: covered
+    # preconditioned attention subclasses timm's Attention with other maths; register tokens; dropout
+    assert grouped_forward(create_vit({**small, "attention": {"kind": "preconditioned"}}, 10)) is None
+    assert grouped_forward(create_vit(small, 10, reg_tokens=2)) is None
+    assert grouped_forward(create_vit(small, 10, proj_drop_rate=0.1)) is None
+    assert grouped_forward(VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=10, embed_dim=8,
+                                             depth=1, num_heads=2, global_pool="avg", class_token=True)) is None
     assert grouped_forward(torch.nn.Linear(3, 2)) is None  # no grouped form registered

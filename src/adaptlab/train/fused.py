@@ -66,8 +66,9 @@ class FusedRuns:
     online accuracy) is computed in the batched loss and handed to each run's task after the step's forward.
 
     When the model has a grouped forward (``train.grouped``) and the task class defines ``model_input(batch)`` and
-    ``grouped_loss_and_aux(outputs, batch, params) -> (losses, aux)`` (the same formulas over the runs' stacked
-    outputs, one value per run), the group's step runs them instead of vmap: one op per layer for all runs."""
+    ``grouped_loss(outputs, batch, params) -> losses`` (``grouped_loss_and_aux`` -> (losses, aux) where it has
+    ``loss_and_aux``: the same formulas over the runs' stacked outputs, one value per run), the group's step runs
+    them instead of vmap: one op per layer for all runs."""
 
     fused = True
 
@@ -90,6 +91,10 @@ class FusedRuns:
         # torch.func.stack_module_state, but the runs' trainable sets may differ (it insists they agree)
         self.params = {k: torch.stack([nm[k].detach() for nm in named]).requires_grad_(bool(self.masks[k].any()))
                        for k in named[0]}
+        for k, trains in self.masks.items():  # a weight some runs freeze: its gradient over the span that trains it
+            runs = trains.nonzero().flatten().tolist()
+            if runs and len(runs) < self.n:
+                self.params[k].grad_runs = (runs[0], runs[-1] + 1)
         self.buffers = {k: torch.stack([dict(m.named_buffers())[k] for m in models]) for k, _ in models[0].named_buffers()}
         self.base = copy.deepcopy(models[0]).to("meta")
         self.grouped = grouped_forward(self.base)  # one op per layer for all runs (train.grouped), else vmap
@@ -108,7 +113,8 @@ class FusedRuns:
         loss = type(tasks[0]).loss_and_aux if self._aux else type(tasks[0]).loss
         self._losses = vmap(lambda p, b, batch: loss(tasks[0], _Bound(self.base, p, b), batch))
         # grouped: the model's outputs for all runs at once (train.grouped), and the task's losses from them
-        self._grouped_loss = self.grouped is not None and hasattr(type(tasks[0]), "grouped_loss_and_aux")
+        self._grouped_loss = self.grouped is not None and hasattr(
+            type(tasks[0]), "grouped_loss_and_aux" if self._aux else "grouped_loss")
 
     def retire(self, r: int) -> None:
         """Run ``r`` takes no more steps in later ``fit`` calls (its sequence ended): its loss reads as NaN, so each
@@ -124,11 +130,12 @@ class FusedRuns:
         with autocast(self.device):
             if self._grouped_loss:
                 task = self.tasks[0]
-                loss = task.grouped_loss_and_aux(self.grouped(self.base, self.params, task.model_input(batch)), batch,
-                                                 self.params)
+                outputs = self.grouped(self.base, self.params, task.model_input(batch))
+                grouped_loss = task.grouped_loss_and_aux if self._aux else task.grouped_loss
+                loss = grouped_loss(outputs, batch, self.params)
             else:
                 loss = self._losses(self.params, self.buffers, batch)
-        if self._aux or self._grouped_loss:
+        if self._aux:
             loss, aux = loss
             for task, value in zip(self.tasks, aux.detach().float().tolist()):
                 task.take_aux(value)

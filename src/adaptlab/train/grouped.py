@@ -50,12 +50,19 @@ class _Linear(torch.autograd.Function):
     """nn.Linear per run, its weight gradient computed as (R, out, in) directly. Autograd's own formula for
     ``baddbmm(b, x, wᵀ)`` gives the gradient of wᵀ and transposes it, and accumulating that non-contiguous gradient
     into the contiguous stacked weight costs a strided copy per weight per step (30 % of a 12-run MLP group's
-    forward and backward in the torch profiler)."""
+    forward and backward in the torch profiler).
+
+    A stacked weight may carry ``grad_runs = (a, b)``: only runs a..b-1 train it (``train.fused.FusedRuns`` sets it
+    to the span of the runs whose trainable set holds it), so its gradient and its bias's are computed there and
+    are zero elsewhere, where the group would zero them anyway. A pack of mixed trainable sets (a plasticity pack:
+    12 full runs beside 16 that train norms or the embedding) skips the weight products of runs that freeze them,
+    as each run alone would."""
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(flat, weight)
         ctx.has_bias = bias is not None
+        ctx.runs = getattr(weight, "grad_runs", None), getattr(bias, "grad_runs", None)
         return torch.bmm(flat, weight.mT) if bias is None else torch.baddbmm(bias.unsqueeze(1), flat, weight.mT)
 
     @staticmethod
@@ -63,8 +70,20 @@ class _Linear(torch.autograd.Function):
         # under autocast the forward's matmul ran in the gradient's dtype (autograd casts each result to its input's)
         flat, weight = (t.to(grad.dtype) for t in ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad
-        return (torch.bmm(grad, weight) if need_x else None, torch.bmm(grad.mT, flat) if need_w else None,
-                grad.sum(1) if ctx.has_bias and need_b else None)
+        runs_w, runs_b = ctx.runs
+        grad_w = _on_runs(runs_w, weight.shape, grad, lambda a, b: torch.bmm(grad[a:b].mT, flat[a:b])) if need_w else None
+        grad_b = (_on_runs(runs_b, grad.shape[::2], grad, lambda a, b: grad[a:b].sum(1))
+                  if ctx.has_bias and need_b else None)
+        return torch.bmm(grad, weight) if need_x else None, grad_w, grad_b
+
+
+def _on_runs(span: tuple[int, int] | None, shape, like: torch.Tensor, grad_of) -> torch.Tensor:
+    """``grad_of(a, b)``, the gradient of runs a..b-1, as the whole (R, ...) gradient: zero outside ``span``."""
+    if span is None:
+        return grad_of(0, shape[0])
+    out = like.new_zeros(shape)
+    out[span[0]:span[1]] = grad_of(*span)
+    return out
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -87,24 +106,27 @@ def _unit_affine(width: int, dtype: torch.dtype, device: torch.device) -> tuple[
     return torch.ones(width, dtype=dtype, device=device), torch.zeros(width, dtype=dtype, device=device)
 
 
-def attention(qkv: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """Softmax attention of every run, input and head from the stacked qkv projection (R, B, N, 3·D) → (R, B, N, D).
-    Each head's q, k and v are views of ``qkv`` (a split along features), fed to two ``bmm`` over runs × batch: no
-    copy of q, k, v, and their gradient is one ``cat``. ``scaled_dot_product_attention`` on the CPU wants them
-    head-major and contiguous, and the permutes there and back cost a tiny ViT group more than its attention
-    (4.8 → 2.4 ms forward and backward at 12 runs × 32 inputs × 16 tokens × 2 heads)."""
+def attention(qkv: torch.Tensor, heads: int, scale: float, first_query: bool = False) -> torch.Tensor:
+    """Softmax attention of every run, input and head from the stacked qkv projection (R, B, N, 3·D) → (R, B, N, D),
+    or with ``first_query`` the first token's row only (R, B, 1, D). Each head's q, k and v are views of ``qkv`` (a
+    split along features), fed to two ``bmm`` over runs × batch: no copy of q, k, v, and their gradient is one
+    ``cat``. ``scaled_dot_product_attention`` on the CPU wants them head-major and contiguous, and the permutes there
+    and back cost a tiny ViT group more than its attention (4.8 → 2.4 ms forward and backward at 12 runs × 32
+    inputs × 16 tokens × 2 heads)."""
     R, B, N, width = qkv.shape
     dim = width // 3
     parts = [t.reshape(R * B, N, dim // heads) for t in qkv.split(dim // heads, dim=-1)]
     outs = []
     for h in range(heads):
         q, k, v = parts[h], parts[heads + h], parts[2 * heads + h]
+        if first_query:
+            q = q[:, :1]
         outs.append(torch.bmm(torch.bmm(q, k.mT).mul_(scale).softmax(-1), v))
-    return torch.cat(outs, -1).view(R, B, N, dim)
+    return torch.cat(outs, -1).view(R, B, -1, dim)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# timm's VisionTransformer, in the configuration the continual study builds (and any like it)
+# timm's VisionTransformer, in the configurations the continual study and models.vit build (and any like them)
 
 
 def _plain_norm(m: nn.Module) -> bool:
@@ -114,14 +136,22 @@ def _plain_norm(m: nn.Module) -> bool:
 
 
 def _vit_supported(vit: nn.Module) -> bool:
-    """No class or register tokens, fixed image size, average pooling with fc_norm, plain pre-norm blocks (no layer
-    scale, drop path, dropout, q/k norm or attention-output norm), LayerNorms with affine weights and biases, and
-    an elementwise activation module in each MLP."""
+    """Either average pooling with fc_norm and no class token (the continual study's ViT), or a class token read
+    by token pooling after the final norm (``models.vit.create_vit``: the finetuning backbones); no register tokens,
+    fixed image size, plain pre-norm blocks of timm's own Attention and Mlp (no layer scale, drop path, dropout,
+    q/k norm or attention-output norm), LayerNorms with affine weights and biases, and an elementwise activation
+    module in each MLP."""
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import Block
+
     idle = (nn.Identity, nn.Dropout)
     dropless = all(m.p == 0 for m in vit.modules() if isinstance(m, nn.Dropout))
-    if not (dropless and vit.cls_token is None and vit.reg_token is None and not vit.dynamic_img_size
-            and vit.pos_embed is not None and vit.global_pool == "avg" and vit.attn_pool is None
-            and isinstance(vit.norm, nn.Identity)
+    avg = (vit.global_pool == "avg" and vit.cls_token is None and isinstance(vit.norm, nn.Identity)
+           and _plain_norm(vit.fc_norm))
+    token = (vit.global_pool == "token" and vit.cls_token is not None and not vit.no_embed_class
+             and _plain_norm(vit.norm) and isinstance(vit.fc_norm, nn.Identity))
+    if not (dropless and (avg or token) and vit.reg_token is None and not vit.dynamic_img_size
+            and vit.pos_embed is not None and vit.attn_pool is None
             and isinstance(vit.patch_embed.norm, nn.Identity) and isinstance(vit.patch_drop, idle)
             and isinstance(vit.norm_pre, nn.Identity) and type(vit.patch_embed.proj) is nn.Conv2d
             and vit.patch_embed.proj.kernel_size == vit.patch_embed.proj.stride
@@ -129,17 +159,20 @@ def _vit_supported(vit: nn.Module) -> bool:
         return False
     for b in vit.blocks:
         a, mlp = b.attn, b.mlp
-        if not (all(isinstance(m, idle) for m in (b.ls1, b.ls2, b.drop_path1, b.drop_path2, a.q_norm, a.k_norm,
-                                                  a.norm, mlp.norm))
+        if not (type(b) is Block and type(a) is Attention and type(mlp) is Mlp  # a subclass may change the maths
+                and all(isinstance(m, idle) for m in (b.ls1, b.ls2, b.drop_path1, b.drop_path2, a.q_norm, a.k_norm,
+                                                      a.norm, mlp.norm))
                 and _plain_norm(b.norm1) and _plain_norm(b.norm2)
                 and a.qkv.bias is not None and isinstance(mlp.act, (nn.ReLU, nn.GELU))
                 and abs(a.scale - a.head_dim ** -0.5) < 1e-12):
             return False
-    return _plain_norm(vit.fc_norm) and type(vit.head) is nn.Linear
+    return type(vit.head) is nn.Linear
 
 
 def vit_forward(vit: nn.Module, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits (R, B, classes) of R stacked ViTs on images x (R, B, C, H, W)."""
+    """Logits (R, B, classes) of R stacked ViTs on images x (R, B, C, H, W). With token pooling the last block
+    computes the class token's row only after its qkv (the head reads nothing else; LayerNorm, the MLP and the
+    residual are per token): the same function with ~17 % less arithmetic in a 4-block ViT of 17 tokens."""
     proj = vit.patch_embed.proj
     R, B, C, H, W = x.shape
     ph, pw = proj.kernel_size
@@ -147,16 +180,24 @@ def vit_forward(vit: nn.Module, p: dict[str, torch.Tensor], x: torch.Tensor) -> 
     patches = x.reshape(R, B, C, H // ph, ph, W // pw, pw).permute(0, 1, 3, 5, 2, 4, 6)
     patches = patches.reshape(R, B, (H // ph) * (W // pw), C * ph * pw)
     w = p["patch_embed.proj.weight"]
-    h = linear(patches, w.reshape(R, w.shape[1], -1), p["patch_embed.proj.bias"]) + p["pos_embed"]
+    h = linear(patches, w.reshape(R, w.shape[1], -1), p["patch_embed.proj.bias"])
+    token = vit.cls_token is not None
+    if token:  # timm's default: the class token first, then the position embedding over all tokens
+        h = torch.cat([p["cls_token"].expand(R, B, 1, h.shape[-1]), h], dim=2)
+    h = h + p["pos_embed"]
+    last = len(vit.blocks) - 1
     for i, blk in enumerate(vit.blocks):
-        pre, a = f"blocks.{i}.", blk.attn
+        pre, a, first = f"blocks.{i}.", blk.attn, token and i == last
         y = layer_norm(h, p[pre + "norm1.weight"], p[pre + "norm1.bias"], blk.norm1.eps)
-        y = attention(linear(y, p[pre + "attn.qkv.weight"], p[pre + "attn.qkv.bias"]), a.num_heads, a.scale)
-        h = h + linear(y, p[pre + "attn.proj.weight"], p[pre + "attn.proj.bias"])
+        y = attention(linear(y, p[pre + "attn.qkv.weight"], p[pre + "attn.qkv.bias"]), a.num_heads, a.scale, first)
+        h = (h[:, :, :1] if first else h) + linear(y, p[pre + "attn.proj.weight"], p[pre + "attn.proj.bias"])
         y = layer_norm(h, p[pre + "norm2.weight"], p[pre + "norm2.bias"], blk.norm2.eps)
         y = blk.mlp.act(linear(y, p[pre + "mlp.fc1.weight"], p[pre + "mlp.fc1.bias"]))
         h = h + linear(y, p[pre + "mlp.fc2.weight"], p[pre + "mlp.fc2.bias"])
-    pooled = layer_norm(h.mean(2), p["fc_norm.weight"], p["fc_norm.bias"], vit.fc_norm.eps)
+    if token:
+        pooled = layer_norm(h[:, :, 0], p["norm.weight"], p["norm.bias"], vit.norm.eps)
+    else:
+        pooled = layer_norm(h.mean(2), p["fc_norm.weight"], p["fc_norm.bias"], vit.fc_norm.eps)
     return linear(pooled, p["head.weight"], p.get("head.bias"))
 
 

@@ -78,6 +78,17 @@ class ImageClassification:
         x, y = batch
         return F.cross_entropy(model(x).float(), y)
 
+    @staticmethod
+    def model_input(batch):
+        """What the loss feeds the model (a fused pack's grouped forward computes it for all runs at once)."""
+        return batch[0]
+
+    @staticmethod
+    def grouped_loss(logits: torch.Tensor, batch, params: dict) -> torch.Tensor:
+        """``loss`` of R fused runs from their stacked logits (R, B, C) and labels (R, B): one value per run."""
+        r, b, c = logits.shape
+        return F.cross_entropy(logits.float().reshape(r * b, c), batch[1].reshape(-1), reduction="none").view(r, b).mean(1)
+
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str, autocast=None) -> dict[str, float]:
         """Sample-weighted accuracy and mean loss over the whole split."""
