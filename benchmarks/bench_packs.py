@@ -16,8 +16,8 @@ and the speed-up over one run per process, all measured in this one invocation.
 
 Packs are sized so that there are at least as many packs as cores: a pack is one process on one core.
 
-``--preset cpu`` runs slices of ``configs/cpu.yaml`` at that preset's run sizes, one run per process vs packed
-(the same-time ratio for the preset's arms, which take too long to time twice in full), and continual fused:
+``--preset cpu`` runs slices of ``configs/cpu.yaml`` at that preset's run sizes, one run per process vs packed vs
+fused (the same-time ratio for the preset's arms, which take too long to time twice in full):
 
 - plasticity: the Study 1 component grid on one setting (sketch: 7 sets × 4 lrs × 3 seeds = 84 runs), packs of 21
   (the preset's 28 give 12 packs over its 4 settings; 21 gives this slice 4 packs, an even load on 2 cores);
@@ -112,7 +112,7 @@ def _targets(name: str, cfg: dict) -> list[str]:
 
 def _cpu_plasticity(cfg: dict, mode: str) -> dict:
     grid = cfg["finetune"]["grids"]["components"]
-    grid.update(datasets=["sketch"], pack=21 if mode != "one" else 1)
+    grid.update(datasets=["sketch"], pack=21 if mode != "one" else 1, fuse=mode == "fused")
     return cfg
 
 
@@ -124,7 +124,7 @@ def _cpu_continual(cfg: dict, mode: str) -> dict:
 
 def _cpu_icl(cfg: dict, mode: str) -> dict:
     cfg["icl"]["unimodal"]["Ks"] = [512, 1024, 2048, 4096]  # keeps the multimodal stage-1 run (rope, K 4096)
-    cfg["icl"].update(pack=4 if mode != "one" else 1)
+    cfg["icl"].update(pack=4 if mode != "one" else 1, fuse=mode == "fused")
     return cfg
 
 
@@ -141,9 +141,9 @@ PRESETS = {
                  "icl": (_icl, ("one", "packed", "fused"), _targets),
                  "continual": (_continual, ("one", "packed", "fused"), _targets)}),
     "cpu": ("configs/cpu.yaml", ["results/runs/pretrain/base/model.safetensors", "results/data/sketch.safetensors"],
-            {"plasticity": (_cpu_plasticity, ("one", "packed"), _cpu_targets),
+            {"plasticity": (_cpu_plasticity, ("one", "packed", "fused"), _cpu_targets),
              "continual": (_cpu_continual, ("one", "packed", "fused"), _cpu_targets),
-             "icl": (_cpu_icl, ("one", "packed"), _cpu_targets)}),
+             "icl": (_cpu_icl, ("one", "packed", "fused"), _cpu_targets)}),
 }
 
 

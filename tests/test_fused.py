@@ -6,7 +6,6 @@ determinism, kept records restored.
 """
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import subprocess
@@ -191,43 +190,6 @@ def _blocks_and_head() -> torch.nn.Module:
     blk.mlp.fc1, blk.mlp.fc2 = torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(8, 4)
     m.blocks, m.head = torch.nn.ModuleList([blk]), torch.nn.Linear(4, 3, bias=False)
     return m
-
-
-def test_grouped_class_token_vit_equals_each_model_and_the_vmapped_step(tiny_data, tiny_pretrained):
-    """The finetuning ViT (class token, token pooling; its last block trimmed to the class token's row) through the
-    grouped forward = each run's own model in float64; a group whose trainable sets leave weights to a span of its
-    runs (train.grouped: ``grad_runs``) steps as the vmapped group does: losses, gradient norms and gradients."""
-    from adaptlab.train.grouped import grouped_forward
-
-    data = load_dataset(tiny_data)
-    # runs 0 and 3 train only the head; the attention weights train in runs 1-2, the MLP's in run 2
-    runs = [make_run("head", (), "sgd", 0.01, 0), make_run("mha", ("blocks.*.attn.*",), "sgd", 0.02, 1),
-            make_run("full", ("*",), "sgd", 0.03, 2), make_run("head", (), "sgd", 0.05, 3)]
-    built = [build_finetune({**r, "model": TINY_MODEL}, TINY_MODEL, tiny_pretrained, data, CPU) for r in runs]
-    models64 = [copy.deepcopy(m).double().eval() for m, _ in built]
-    stacked = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models64])
-               for k, _ in models64[0].named_parameters()}
-    x = torch.randn(4, 5, 3, 16, 16, dtype=torch.float64)
-    forward = grouped_forward(models64[0])
-    want = torch.stack([m(x[r]) for r, m in enumerate(models64)])
-    assert torch.allclose(forward(models64[0], stacked, x), want, rtol=1e-10, atol=1e-12)
-
-    group = FusedRuns([m for m, _ in built], [t for _, t in built], [r["lr"] for r in runs], runs[0]["train"], CPU)
-    assert group._grouped_loss
-    assert group.params["blocks.0.attn.qkv.weight"].grad_runs == (1, 3)
-    assert group.params["blocks.1.mlp.fc1.bias"].grad_runs == (2, 3)
-    results = []
-    for grouped in (True, False):
-        group._grouped_loss = grouped
-        loss, values = group.losses(0, 16)
-        norms = group.backward_clip(loss, values, math.inf)
-        results.append((values, norms, {k: p.grad.clone() for k, p in group.params.items() if p.grad is not None}))
-    (v_g, n_g, g_g), (v_v, n_v, g_v) = results
-    assert v_g == pytest.approx(v_v, rel=1e-5) and n_g == pytest.approx(n_v, rel=1e-5)
-    assert g_g.keys() == g_v.keys()
-    for k in g_g:
-        assert torch.allclose(g_g[k], g_v[k], rtol=1e-4, atol=1e-6), k
-    assert not g_g["blocks.0.attn.qkv.weight"][[0, 3]].any() and g_g["blocks.0.attn.qkv.weight"][1:3].abs().sum() > 0
 
 
 def test_fused_frozen_weights_stay_bit_identical(tiny_data, tiny_pretrained):

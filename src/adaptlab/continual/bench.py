@@ -146,8 +146,7 @@ class ContinualTask:
         """``loss_and_aux`` of R fused runs from their stacked logits (R, B, C), labels (R, B) and stacked weights
         (each run's own loss terms: ``group_regulariser``): (losses, batch accuracies), each (R,)."""
         y = batch[1]
-        r, b, c = logits.shape
-        loss = F.cross_entropy(logits.reshape(r * b, c), y.reshape(-1), reduction="none").view(r, b).mean(1)
+        loss = grouped.cross_entropy(logits, y)
         acc = (logits.argmax(-1) == y).float().mean(1)
         if self.group_regulariser is not None:
             loss = loss + self.group_regulariser(params)

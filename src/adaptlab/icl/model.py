@@ -27,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import RmsNorm
 
+from adaptlab.train import grouped
+
 
 def rope_angles(seq_len: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
     """(T, head_dim/2) rotation angles p·θ^(-2i/head_dim)."""
@@ -183,3 +185,63 @@ class ICLTransformer(nn.Module):
             x = blk(x)
         x = last(x, last_query=not last.attn.record_attn)
         return self.head(self.norm(x[:, -1]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A fused ICL pack (train.fused): the decoder over R runs' stacked weights, one op per layer for all runs. The
+# same formulas as the modules above, batched over runs; vmap over functional_call cost more than the runs'
+# arithmetic here (an APE group of 6 stepped in 12.4 ms a run, one run alone in ~11).
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """timm's RmsNorm formula per run: weight (R, C), x (R, ..., C)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.view(len(weight), *([1] * (x.dim() - 2)), -1)
+
+
+def _grouped_attention(attn: Attention, p: dict, pre: str, x: torch.Tensor, last_query: bool) -> torch.Tensor:
+    R, B, T, C = x.shape
+    H, hd = attn.num_heads, attn.head_dim
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (R, B, n, C) → (R·B·H, n, hd)
+        return t.reshape(R * B, -1, H, hd).transpose(1, 2).reshape(R * B * H, -1, hd)
+
+    q = heads(grouped.linear(x[:, :, -1:] if last_query else x, p[pre + "q.weight"], None))
+    k, v = heads(grouped.linear(x, p[pre + "k.weight"], None)), heads(grouped.linear(x, p[pre + "v.weight"], None))
+    if attn.rope:
+        rot = attn._rotation(T, x.device)
+        q, k = apply_rope(q, rot[-q.shape[1]:]), apply_rope(k, rot)
+    att = torch.bmm(q, k.mT) / math.sqrt(hd)
+    if not last_query:
+        att = att.masked_fill(attn._future(T, x.device), float("-inf"))
+    y = torch.bmm(att.softmax(-1), v).view(R * B, H, -1, hd).transpose(1, 2).reshape(R, B, -1, C)
+    return grouped.linear(y, p[pre + "proj.weight"], None) if H > 1 else y
+
+
+def _grouped_mlp(mlp: Mlp, p: dict, pre: str, x: torch.Tensor) -> torch.Tensor:
+    a, b = (grouped.linear(x, p[f"{pre}{fc}.weight"], p[f"{pre}{fc}.bias"]) for fc in ("fc1", "fc2"))
+    h = F.silu(a * b) if mlp.kind == "official" else F.silu(a) * b
+    return grouped.linear(h, p[pre + "fc3.weight"], p[pre + "fc3.bias"])
+
+
+@grouped.register(ICLTransformer)
+def icl_forward(model: ICLTransformer, p: dict[str, torch.Tensor], batch: dict) -> torch.Tensor:
+    """Logits (R, B, L) of R stacked decoders on their batches (``x`` (R, B, T, D), ``pos_offset`` (R, B), ``m2``):
+    ``ICLTransformer.forward`` per run, its last block trimmed to the last position."""
+    x = batch["x"]
+    R, B, T, _ = x.shape
+    if batch.get("m2") is not None:
+        slots = torch.cat([torch.arange(1, T - 2, 3, device=x.device), torch.tensor([T - 1], device=x.device)])
+        m2 = grouped.linear(F.gelu(grouped.linear(batch["m2"], p["projector.fc1.weight"], None)),
+                            p["projector.fc2.weight"], None)
+        x = x.index_copy(2, slots, m2.to(x.dtype))
+    if model.pos_dim:
+        if T > model.pos_dim:
+            raise ValueError(f"icl.model: sequence of {T} tokens exceeds the APE block of {model.pos_dim}")
+        pos = batch["pos_offset"].long()[..., None] + torch.arange(T, device=x.device)
+        x = torch.cat([x, F.one_hot(pos, model.pos_dim).to(x.dtype)], dim=-1)
+    for i, blk in enumerate(model.blocks):
+        pre, last = f"blocks.{i}.", i == len(model.blocks) - 1
+        y = _rms_norm(x, p[pre + "norm1.weight"], blk.norm1.eps)
+        x = (x[:, :, -1:] if last else x) + _grouped_attention(blk.attn, p, pre + "attn.", y, last)
+        x = x + _grouped_mlp(blk.mlp, p, pre + "mlp.", _rms_norm(x, p[pre + "norm2.weight"], blk.norm2.eps))
+    return grouped.linear(_rms_norm(x[:, :, -1], p["norm.weight"], model.norm.eps), p["head.weight"], None)

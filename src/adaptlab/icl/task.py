@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from adaptlab.icl.data import _TEST, _TRAIN, _VAL, Batch, ICLWorld, MultimodalWorld, rng_for
 from adaptlab.icl.metrics import attention_measures, context_label_agreement
+from adaptlab.train import grouped
 
 
 class ICLTask:
@@ -43,6 +44,16 @@ class ICLTask:
 
     def loss(self, model, batch) -> torch.Tensor:
         return F.cross_entropy(self.forward(model, batch).float(), batch["y"])
+
+    @staticmethod
+    def model_input(batch: dict) -> dict:
+        """What a fused pack's grouped forward (``icl.model.icl_forward``) takes: the stacked batch as it is."""
+        return batch
+
+    @staticmethod
+    def grouped_loss(logits: torch.Tensor, batch: dict, params: dict) -> torch.Tensor:
+        """``loss`` of R fused runs from their stacked logits (R, B, L): one value per run."""
+        return grouped.cross_entropy(logits, batch["y"])
 
     @torch.no_grad()
     def _predict(self, model, b: Batch, record: bool):

@@ -92,6 +92,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     return out.view(*x.shape[:-1], weight.shape[1])
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each run's mean cross-entropy from stacked logits (R, B, C) and labels (R, B): (R,), in float32 at least."""
+    r, b, c = logits.shape
+    return F.cross_entropy(logits.float().reshape(r * b, c), labels.reshape(-1), reduction="none").view(r, b).mean(1)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """nn.LayerNorm over the last dimension per run: weight and bias (R, D)."""
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptlab.data.store import ImageDataset
+from adaptlab.train import grouped
 
 
 class ImageClassification:
@@ -86,8 +87,7 @@ class ImageClassification:
     @staticmethod
     def grouped_loss(logits: torch.Tensor, batch, params: dict) -> torch.Tensor:
         """``loss`` of R fused runs from their stacked logits (R, B, C) and labels (R, B): one value per run."""
-        r, b, c = logits.shape
-        return F.cross_entropy(logits.float().reshape(r * b, c), batch[1].reshape(-1), reduction="none").view(r, b).mean(1)
+        return grouped.cross_entropy(logits, batch[1])
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, split: str, autocast=None) -> dict[str, float]:
