@@ -189,8 +189,9 @@ class ICLTransformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # A fused ICL pack (train.fused): the decoder over R runs' stacked weights, one op per layer for all runs. The
-# same formulas as the modules above, batched over runs; vmap over functional_call cost more than the runs'
-# arithmetic here (an APE group of 6 stepped in 12.4 ms a run, one run alone in ~11).
+# same formulas as the modules above, batched over runs. vmap over functional_call saved next to nothing here;
+# this does (benchmarks/bench_fused_preset.py, a group of 6 per run: APE 10.4 ms against 11.3 vmapped and 12.1
+# alone, RoPE 4.3 against 4.7 and 6.1).
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -230,6 +231,8 @@ def icl_forward(model: ICLTransformer, p: dict[str, torch.Tensor], batch: dict) 
     x = batch["x"]
     R, B, T, _ = x.shape
     if batch.get("m2") is not None:
+        if model.projector is None:
+            raise ValueError("icl.model: secondary-modality input given to a model without a projector")
         slots = torch.cat([torch.arange(1, T - 2, 3, device=x.device), torch.tensor([T - 1], device=x.device)])
         m2 = grouped.linear(F.gelu(grouped.linear(batch["m2"], p["projector.fc1.weight"], None)),
                             p["projector.fc2.weight"], None)

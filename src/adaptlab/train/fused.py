@@ -93,7 +93,7 @@ class FusedRuns:
                        for k in named[0]}
         for k, trains in self.masks.items():  # a weight some runs freeze: its gradient over the span that trains it
             runs = trains.nonzero().flatten().tolist()
-            if runs and len(runs) < self.n:
+            if runs and (runs[0], runs[-1] + 1) != (0, self.n):
                 self.params[k].grad_runs = (runs[0], runs[-1] + 1)
         self.buffers = {k: torch.stack([dict(m.named_buffers())[k] for m in models]) for k, _ in models[0].named_buffers()}
         self.base = copy.deepcopy(models[0]).to("meta")
