@@ -4,8 +4,9 @@
 
 - plasticity: the first ``--runs`` runs (in run-id order, as a pack holds them) of the Study 1 component grid on
   ``sketch``: the preset's ViT (width 64, 4 blocks, 17 tokens), SGD, batch 64, each run with its trainable set,
-  lr and seed. The backbone is randomly initialised (the step's cost does not depend on the weights) and the
-  dataset is generated into a temporary directory: nothing needs to exist beforehand.
+  lr and seed, built as its job builds it (``runner.build_finetune``) from a randomly initialised backbone (the
+  step's cost does not depend on the weights); the dataset is generated into a temporary directory: nothing needs
+  to exist beforehand.
 - icl_ape, icl_rope: the 6 unimodal runs of one scheme in a pack (3 K × 2 seeds), 128 sequences a step.
 
 Each group steps through the loop's own group methods (``bench_fused_step.ms_per_step``: set_lr, the loss,
@@ -37,25 +38,23 @@ CPU = torch.device("cpu")
 
 
 def plasticity(n: int, tmp: Path):
-    """(label, built runs: (model, task, lr, train cfg)) of the component grid's first ``n`` runs on sketch."""
+    """(batch size, built runs: (label, model, task, lr, train cfg)) of the component grid's first ``n`` runs on
+    sketch, each built by ``runner.build_finetune`` from a randomly initialised backbone."""
+    from safetensors.torch import save_file
+
     from adaptlab.data.prepare import prepare_dataset
     from adaptlab.data.store import load_dataset
     from adaptlab.models.vit import create_vit
-    from adaptlab.runner import _task
-    from adaptlab.train.trainable import select_trainable
+    from adaptlab.runner import build_finetune
 
     cfg = load_config(PRESET)
     runs = sorted((r.as_dict() for r in expand_runs(cfg) if r.grid == "components" and r.dataset == "sketch"),
                   key=lambda r: r["run_id"])[:n]
     prepare_dataset("sketch", cfg["datasets"]["sketch"], tmp / "sketch.safetensors")
     data = load_dataset(tmp / "sketch.safetensors")
-    built = []
-    for r in runs:
-        torch.manual_seed(r["seed"])
-        model = create_vit(r["model"], data.num_classes)
-        select_trainable(model, r["trainable_patterns"], head=True)
-        built.append((r["trainable"], model, _task(data, model, r["model"], r["train"], CPU, r["seed"]), r["lr"],
-                      r["train"]))
+    save_file(create_vit(runs[0]["model"], data.num_classes).state_dict(), str(tmp / "backbone.safetensors"))
+    built = [(r["trainable"], *build_finetune(r, r["model"], tmp / "backbone.safetensors", data, CPU), r["lr"],
+              r["train"]) for r in runs]
     return 64, built
 
 

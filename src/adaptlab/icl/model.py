@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import RmsNorm
+from timm.layers.fast_norm import rms_norm
 
 from adaptlab.train import grouped
 
@@ -133,6 +134,24 @@ class Projector(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _with_m2(x: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """(..., T, D) tokens with the projected secondary items written into the M2 slots: 3i+1 for the N context pairs
+    and the last position (the query's secondary item)."""
+    T = x.shape[-2]
+    slots = torch.cat([torch.arange(1, T - 2, 3, device=x.device), torch.tensor([T - 1], device=x.device)])
+    return x.index_copy(-2, slots, items.to(x.dtype))
+
+
+def _with_positions(x: torch.Tensor, offsets: torch.Tensor, pos_dim: int) -> torch.Tensor:
+    """(..., T, D) tokens with the APE one-hot of each position appended, each sequence's block starting at its
+    offset (offsets: x's leading dims): (..., T, D + pos_dim)."""
+    T = x.shape[-2]
+    if T > pos_dim:
+        raise ValueError(f"icl.model: sequence of {T} tokens exceeds the APE block of {pos_dim}")
+    hot = F.one_hot(offsets.long()[..., None] + torch.arange(T, device=x.device), pos_dim).to(x.dtype)
+    return torch.cat([x, hot], dim=-1)
+
+
 class ICLTransformer(nn.Module):
     """Decoder over (n, T, D) input vectors → (n, L) logits at the last position."""
 
@@ -154,6 +173,10 @@ class ICLTransformer(nn.Module):
                     nn.init.normal_(m.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
 
+    def _require_projector(self) -> None:
+        if self.projector is None:
+            raise ValueError("icl.model: secondary-modality input given to a model without a projector")
+
     def set_record_attn(self, on: bool) -> None:
         for blk in self.blocks:
             blk.attn.record_attn = on
@@ -164,19 +187,12 @@ class ICLTransformer(nn.Module):
         return [blk.attn.last_attn for blk in self.blocks]
 
     def forward(self, x: torch.Tensor, pos_offset: torch.Tensor | None = None, m2: torch.Tensor | None = None):
-        n, T, _ = x.shape
         if m2 is not None:
-            if self.projector is None:
-                raise ValueError("icl.model: secondary-modality input given to a model without a projector")
-            # M2 slots: 3i+1 for the N context pairs and the last position (the query's secondary item)
-            slots = torch.cat([torch.arange(1, T - 2, 3, device=x.device), torch.tensor([T - 1], device=x.device)])
-            x = x.index_copy(1, slots, self.projector(m2).to(x.dtype))
+            self._require_projector()
+            x = _with_m2(x, self.projector(m2))
         if self.pos_dim:
-            if T > self.pos_dim:
-                raise ValueError(f"icl.model: sequence of {T} tokens exceeds the APE block of {self.pos_dim}")
-            off = torch.zeros(n, dtype=torch.long, device=x.device) if pos_offset is None else pos_offset.long()
-            hot = F.one_hot(off[:, None] + torch.arange(T, device=x.device)[None], self.pos_dim).to(x.dtype)
-            x = torch.cat([x, hot], dim=-1)
+            off = torch.zeros(len(x), dtype=torch.long, device=x.device) if pos_offset is None else pos_offset
+            x = _with_positions(x, off, self.pos_dim)
         # The readout sees the last position only, so the last block computes only its query row and its MLP
         # (a third less arithmetic in a 2-layer model, the same function). Recorded attention keeps every row:
         # the progress measures read the previous-token strength over all positions.
@@ -195,8 +211,8 @@ class ICLTransformer(nn.Module):
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """timm's RmsNorm formula per run: weight (R, C), x (R, ..., C)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.view(len(weight), *([1] * (x.dim() - 2)), -1)
+    """timm's RmsNorm per run: weight (R, C), x (R, ..., C)."""
+    return rms_norm(x, x.shape[-1:], weight.view(len(weight), *([1] * (x.dim() - 2)), -1), eps)
 
 
 def _grouped_attention(attn: Attention, p: dict, pre: str, x: torch.Tensor, last_query: bool) -> torch.Tensor:
@@ -229,19 +245,12 @@ def icl_forward(model: ICLTransformer, p: dict[str, torch.Tensor], batch: dict) 
     """Logits (R, B, L) of R stacked decoders on their batches (``x`` (R, B, T, D), ``pos_offset`` (R, B), ``m2``):
     ``ICLTransformer.forward`` per run, its last block trimmed to the last position."""
     x = batch["x"]
-    R, B, T, _ = x.shape
     if batch.get("m2") is not None:
-        if model.projector is None:
-            raise ValueError("icl.model: secondary-modality input given to a model without a projector")
-        slots = torch.cat([torch.arange(1, T - 2, 3, device=x.device), torch.tensor([T - 1], device=x.device)])
-        m2 = grouped.linear(F.gelu(grouped.linear(batch["m2"], p["projector.fc1.weight"], None)),
-                            p["projector.fc2.weight"], None)
-        x = x.index_copy(2, slots, m2.to(x.dtype))
+        model._require_projector()
+        x = _with_m2(x, grouped.linear(F.gelu(grouped.linear(batch["m2"], p["projector.fc1.weight"], None)),
+                                       p["projector.fc2.weight"], None))
     if model.pos_dim:
-        if T > model.pos_dim:
-            raise ValueError(f"icl.model: sequence of {T} tokens exceeds the APE block of {model.pos_dim}")
-        pos = batch["pos_offset"].long()[..., None] + torch.arange(T, device=x.device)
-        x = torch.cat([x, F.one_hot(pos, model.pos_dim).to(x.dtype)], dim=-1)
+        x = _with_positions(x, batch["pos_offset"], model.pos_dim)
     for i, blk in enumerate(model.blocks):
         pre, last = f"blocks.{i}.", i == len(model.blocks) - 1
         y = _rms_norm(x, p[pre + "norm1.weight"], blk.norm1.eps)
