@@ -1,6 +1,7 @@
 """Milliseconds per training step and run of ``configs/cpu.yaml``'s fused groups: grouped forward vs vmap vs alone.
 
     python benchmarks/bench_fused_preset.py [--steps 20] [--groups plasticity,icl_ape,icl_rope] [--runs 28]
+                                            [--precision auto,bf16]
 
 - plasticity: the first ``--runs`` runs (in run-id order, as a pack holds them) of the Study 1 component grid on
   ``sketch``: the preset's ViT (width 64, 4 blocks, 17 tokens), SGD, batch 64, each run with its trainable set,
@@ -12,7 +13,8 @@
 Each group steps through the loop's own group methods (``bench_fused_step.ms_per_step``: set_lr, the loss,
 backward and grad norm, the optimizer step) with its grouped forward (``train.grouped``), then through vmap (the
 same group with the grouped path switched off), then the first run of each trainable set (plasticity) or the first
-run (ICL) alone through ``OneRun``. Printed: ms per step and per run-step, all measured in this one invocation.
+run (ICL) alone through ``OneRun``; all of it once per ``--precision`` (``train.precision``: auto = float32 on the
+CPU; bf16 = bf16 autocast). Printed: ms per step and per run-step, all measured in this one invocation.
 """
 from __future__ import annotations
 
@@ -79,25 +81,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--groups", default="plasticity,icl_ape,icl_rope")
     ap.add_argument("--runs", type=int, default=28, help="plasticity runs in the group (a pack holds 28)")
+    ap.add_argument("--precision", default="auto", help="comma-separated train.precision values to time (auto,bf16)")
     args = ap.parse_args()
     keep_freed_memory()
     set_cpu_math(1)
-    print(f"{'group':10s} {'mode':8s} {'runs':>4s} {'ms/step':>9s} {'ms/run-step':>12s}  (cpu, 1 thread)")
+    print(f"{'group':10s} {'precision':9s} {'mode':8s} {'runs':>4s} {'ms/step':>9s} {'ms/run-step':>12s}  (cpu, 1 thread)")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.groups.split(","):
-            batch, built = plasticity(args.runs, Path(tmp)) if name == "plasticity" else icl(name.split("_")[1])
-            group = FusedRuns([b[1] for b in built], [b[2] for b in built], [b[3] for b in built], built[0][4], CPU)
-            for mode in ("grouped", "vmap"):
-                group._grouped_loss = mode == "grouped"
-                ms = ms_per_step(group, args.steps, batch)
-                print(f"{name:10s} {mode:8s} {len(built):4d} {ms:9.1f} {ms / len(built):12.2f}", flush=True)
-            seen = set()
-            for label, model, task, _, train in built:
-                if label in seen or (name != "plasticity" and seen):
-                    continue
-                seen.add(label)
-                ms = ms_per_step(OneRun(model, task, train, CPU), args.steps, batch)
-                print(f"{name:10s} {'alone':8s} {1:4d} {ms:9.1f} {ms:12.2f}  ({label})", flush=True)
+            for precision in args.precision.split(","):
+                batch, built = plasticity(args.runs, Path(tmp)) if name == "plasticity" else icl(name.split("_")[1])
+                built = [(*b[:4], {**b[4], "precision": precision}) for b in built]
+                group = FusedRuns([b[1] for b in built], [b[2] for b in built], [b[3] for b in built], built[0][4], CPU)
+                for mode in ("grouped", "vmap"):
+                    group._grouped_loss = mode == "grouped"
+                    ms = ms_per_step(group, args.steps, batch)
+                    print(f"{name:10s} {precision:9s} {mode:8s} {len(built):4d} {ms:9.1f} {ms / len(built):12.2f}",
+                          flush=True)
+                seen = set()
+                for label, model, task, _, train in built:
+                    if label in seen or (name != "plasticity" and seen):
+                        continue
+                    seen.add(label)
+                    ms = ms_per_step(OneRun(model, task, train, CPU), args.steps, batch)
+                    print(f"{name:10s} {precision:9s} {'alone':8s} {1:4d} {ms:9.1f} {ms:12.2f}  ({label})", flush=True)
 
 
 if __name__ == "__main__":

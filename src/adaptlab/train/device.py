@@ -7,6 +7,11 @@ the wheel's CUDA or a container without the device files would otherwise make a 
 silently and two orders of magnitude slower, and record CPU runs as if nothing happened. Which variables mean
 "given a GPU" is SLURM's and CUDA's convention (``GPU_ENV_VARS``). ``device: cpu`` stays allowed anywhere.
 
+``train.precision`` (``uses_bf16``) says where the forward runs under bf16 autocast: CUDA only by default, or on
+the CPU too (``bf16``), where oneDNN multiplies bf16 at ~4x the float32 rate of this repo's 2-core machines
+(AVX512-BF16: 400-490 against 95-110 GFLOP/s for the preset's shapes, benchmarks/bench_fused_preset.py
+``--precision``).
+
 ``compile_model`` is ``nn.Module.compile`` (in place, so parameter names, checkpoints and ``state_dict`` keys
 stay those of the eager model); the loop applies it when a run's ``train.compile`` is true.
 """
@@ -77,10 +82,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether a run's forward runs under bf16 autocast: ``train.precision`` ``auto`` (left out) = on CUDA only,
+    ``bf16`` = on any device, ``fp32`` = never."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision: {precision!r} is not one of {list(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The forward's autocast context (``uses_bf16``); weights, optimizer state and gradients stay float32."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def explicit_attention_for_cpu_bf16(model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    """Under CPU bf16, timm attention layers take the explicit form (``fused_attn = False``): torch's CPU
+    flash-attention backward in bf16 took 11 ms a call for the preset's 17-token ViT (64 sequences), 78 % of a
+    step that is 3 ms with the explicit matmul + softmax. Same function; float32 and CUDA keep the fused kernel."""
+    if device.type == "cpu" and uses_bf16(device, precision):
+        for mod in model.modules():
+            if hasattr(mod, "fused_attn"):
+                mod.fused_attn = False
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -25,7 +25,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
-from adaptlab.train.device import autocast
+from adaptlab.train.device import autocast, explicit_attention_for_cpu_bf16
 from adaptlab.train.grouped import grouped_forward
 from adaptlab.train.stacked import FUSED_OPTIMIZERS, StackedOptimizer, isometry_matrices, per_run
 
@@ -78,9 +78,11 @@ class FusedRuns:
             raise ValueError(f"optimizer {cfg['optimizer']!r} cannot train fused (fused: {FUSED_OPTIMIZERS})")
         run_cfgs = run_cfgs or [cfg] * len(models)
         self.models, self.device, self.n = models, device, len(models)
+        self.precision = cfg.get("precision", "auto")  # one value per group: fuse keys hold the train config
         self.retired: set[int] = set()
-        for m in models:
+        for m in models:  # each run's own model evaluates it
             m.to(device).train()
+            explicit_attention_for_cpu_bf16(m, device, self.precision)
         named = [dict(m.named_parameters()) for m in models]
         shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
         for r, sh in enumerate(shapes[1:], start=1):
@@ -127,7 +129,7 @@ class FusedRuns:
 
     def losses(self, step: int, batch_size: int):
         batch = _stack([t.train_batch(step, batch_size) for t in self.tasks])
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             if self._grouped_loss:
                 task = self.tasks[0]
                 outputs = self.grouped(self.base, self.params, task.model_input(batch))
@@ -199,7 +201,7 @@ class FusedRuns:
         return SimpleNamespace(state=state)
 
     def evaluate(self, r: int, split: str) -> dict[str, float]:
-        return self.tasks[r].evaluate(self.models[r], split, autocast=lambda: autocast(self.device))
+        return self.tasks[r].evaluate(self.models[r], split, autocast=lambda: autocast(self.device, self.precision))
 
     def trainable_state(self, r: int) -> dict[str, torch.Tensor]:
         from adaptlab.train.loop import _trainable_state

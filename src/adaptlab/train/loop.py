@@ -1,7 +1,7 @@
 """The one training loop: pretraining, finetuning and every study run through ``fit``.
 
 nanoGPT-style: a plain loop, no framework. Per step: set the scheduled lr, draw the batch for this step,
-forward (bf16 autocast on CUDA), stop as ``diverged`` on a non-finite loss or gradient, clip the global
+forward (bf16 autocast on CUDA, or wherever ``train.precision`` is ``bf16``), stop as ``diverged`` on a non-finite loss or gradient, clip the global
 gradient norm over the trainable parameters (the pre-clip norm is logged), step. Every ``eval_every`` steps
 the task is evaluated on val and the best-val trainable weights are kept in ``best.safetensors``; every
 ``ckpt_every`` steps a resumable checkpoint is written (with the task's ``checkpoint_state()``, if it keeps
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from adaptlab import preemption
 from adaptlab.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from adaptlab.train.device import autocast, compile_model
+from adaptlab.train.device import autocast, compile_model, explicit_attention_for_cpu_bf16
 from adaptlab.train.optim import build_optimizer, lr_factor
 
 CKPT_NAME = "ckpt.safetensors"
@@ -70,7 +70,9 @@ class OneRun:
     def __init__(self, model: torch.nn.Module, task, cfg: dict, device: torch.device,
                  optimizer: torch.optim.Optimizer | None = None):
         self.model, self.task, self.device = model, task, device
+        self.precision = cfg.get("precision", "auto")  # not in TRAIN_DEFAULTS, like compile: see config.py
         model.to(device).train()
+        explicit_attention_for_cpu_bf16(model, device, self.precision)
         if cfg.get("compile"):  # train.compile: torch.compile in place (same state_dict keys: checkpoints carry over)
             compile_model(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -90,7 +92,7 @@ class OneRun:
 
     def losses(self, step: int, batch_size: int) -> tuple[torch.Tensor, list[float]]:
         batch = self.task.train_batch(step, batch_size)
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             loss = self.task.loss(self.model, batch)
         return loss, [loss.item()]
 
@@ -114,7 +116,7 @@ class OneRun:
         return self.task
 
     def evaluate(self, r: int, split: str) -> dict[str, float]:
-        return self.task.evaluate(self.model, split, autocast=lambda: autocast(self.device))
+        return self.task.evaluate(self.model, split, autocast=lambda: autocast(self.device, self.precision))
 
     def trainable_state(self, r: int) -> dict[str, torch.Tensor]:
         return _trainable_state(self.model)
