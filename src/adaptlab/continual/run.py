@@ -43,7 +43,8 @@ def fit_config(spec: dict) -> dict:
         "weight_decay": m["weight_decay"], "isometry_lambda": m["isometry_lambda"],
         "isometry_scale": m["isometry_scale"], "warmup_steps": 0, "min_lr_factor": 1.0, "clip_grad": None,
         "eval_every": g["steps"], "ckpt_every": 0,
-    }, {"fused_adam": True} if g.get("fused_adam") else None, {"precision": g["precision"]} if "precision" in g else None)
+    }, {"fused_adam": True} if g.get("fused_adam") else None,
+        {"precision": g["precision"]} if "precision" in g else None)
 
 
 def measure(model, opt_cfg: dict, x_probe: torch.Tensor, x_ntk: torch.Tensor | None, taus) -> tuple[list, dict]:

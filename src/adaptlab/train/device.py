@@ -9,7 +9,7 @@ silently and two orders of magnitude slower, and record CPU runs as if nothing h
 
 ``train.precision`` (``uses_bf16``) says where the forward runs under bf16 autocast: CUDA only by default, or on
 the CPU too (``bf16``), where oneDNN multiplies bf16 at ~4x the float32 rate of this repo's 2-core machines
-(AVX512-BF16: 400-490 against 95-110 GFLOP/s for the preset's shapes, benchmarks/bench_fused_preset.py
+(AVX512-BF16: 396-494 against 94-110 GFLOP/s for the preset's shapes, benchmarks/bench_fused_preset.py
 ``--precision``).
 
 ``compile_model`` is ``nn.Module.compile`` (in place, so parameter names, checkpoints and ``state_dict`` keys
@@ -102,8 +102,9 @@ def autocast(device: torch.device, precision: str = "auto"):
 
 def explicit_attention_for_cpu_bf16(model: torch.nn.Module, device: torch.device, precision: str) -> None:
     """Under CPU bf16, timm attention layers take the explicit form (``fused_attn = False``): torch's CPU
-    flash-attention backward in bf16 took 11 ms a call for the preset's 17-token ViT (64 sequences), 78 % of a
-    step that is 3 ms with the explicit matmul + softmax. Same function; float32 and CUDA keep the fused kernel."""
+    flash-attention backward in bf16 took 11 ms a call for the preset's 17-token ViT (64 sequences, 4 blocks),
+    78 % of a 57 ms step that takes 11-13 ms with the explicit matmul + softmax. The same function; float32 and
+    CUDA keep the fused kernel."""
     if device.type == "cpu" and uses_bf16(device, precision):
         for mod in model.modules():
             if hasattr(mod, "fused_attn"):
