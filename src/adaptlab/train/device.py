@@ -100,15 +100,20 @@ def autocast(device: torch.device, precision: str = "auto"):
     return contextlib.nullcontext()
 
 
+def explicit_attention(model: torch.nn.Module) -> None:
+    """timm's attention layers (and ours that follow their ``fused_attn`` flag) compute softmax(q kᵀ) v explicitly
+    instead of calling ``scaled_dot_product_attention``: the same function."""
+    for mod in model.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+
+
 def explicit_attention_for_cpu_bf16(model: torch.nn.Module, device: torch.device, precision: str) -> None:
-    """Under CPU bf16, timm attention layers take the explicit form (``fused_attn = False``): torch's CPU
-    flash-attention backward in bf16 took 11 ms a call for the preset's 17-token ViT (64 sequences, 4 blocks),
-    78 % of a 57 ms step that takes 11-13 ms with the explicit matmul + softmax. The same function; float32 and
-    CUDA keep the fused kernel."""
+    """Under CPU bf16, ``explicit_attention``: torch's CPU flash-attention backward in bf16 took 11 ms a call for
+    the preset's 17-token ViT (64 sequences, 4 blocks), 78 % of a 57 ms step that takes 11-13 ms with the explicit
+    matmul + softmax. Float32 and CUDA keep the fused kernel."""
     if device.type == "cpu" and uses_bf16(device, precision):
-        for mod in model.modules():
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = False
+        explicit_attention(model)
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:

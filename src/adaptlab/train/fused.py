@@ -25,7 +25,7 @@ import torch
 from torch.func import functional_call, vmap
 
 from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
-from adaptlab.train.device import autocast, explicit_attention_for_cpu_bf16
+from adaptlab.train.device import autocast, explicit_attention, explicit_attention_for_cpu_bf16
 from adaptlab.train.grouped import grouped_forward
 from adaptlab.train.stacked import FUSED_OPTIMIZERS, StackedOptimizer, isometry_matrices, per_run
 
@@ -100,9 +100,7 @@ class FusedRuns:
         self.buffers = {k: torch.stack([dict(m.named_buffers())[k] for m in models]) for k, _ in models[0].named_buffers()}
         self.base = copy.deepcopy(models[0]).to("meta")
         self.grouped = grouped_forward(self.base)  # one op per layer for all runs (train.grouped), else vmap
-        for mod in self.base.modules():  # scaled_dot_product_attention has no vmap rule on CPU: the explicit form
-            if hasattr(mod, "fused_attn"):
-                mod.fused_attn = False
+        explicit_attention(self.base)  # scaled_dot_product_attention has no vmap rule on CPU
         self.base_lrs = torch.tensor(lrs, dtype=torch.float64, device=device)
         self.opt = StackedOptimizer(self.params, self.masks, self.base_lrs.float(), cfg,
                                     isometry_matrices(models, run_cfgs), run_cfgs)

@@ -1,11 +1,11 @@
 """The one training loop: pretraining, finetuning and every study run through ``fit``.
 
 nanoGPT-style: a plain loop, no framework. Per step: set the scheduled lr, draw the batch for this step,
-forward (bf16 autocast on CUDA, or wherever ``train.precision`` is ``bf16``), stop as ``diverged`` on a non-finite loss or gradient, clip the global
-gradient norm over the trainable parameters (the pre-clip norm is logged), step. Every ``eval_every`` steps
-the task is evaluated on val and the best-val trainable weights are kept in ``best.safetensors``; every
-``ckpt_every`` steps a resumable checkpoint is written (with the task's ``checkpoint_state()``, if it keeps
-per-step state of its own), and at the step where a stop signal arrived
+forward (bf16 autocast on CUDA, or wherever ``train.precision`` is ``bf16``), stop as ``diverged`` on a
+non-finite loss or gradient, clip the global gradient norm over the trainable parameters (the pre-clip norm is
+logged), step. Every ``eval_every`` steps the task is evaluated on val and the best-val trainable weights are
+kept in ``best.safetensors``; every ``ckpt_every`` steps a resumable checkpoint is written (with the task's
+``checkpoint_state()``, if it keeps per-step state of its own), and at the step where a stop signal arrived
 (``adaptlab.preemption``: SIGTERM/SIGUSR1 from SLURM), after which ``Preempted`` is raised. At the end the
 best-val weights are restored and the test split is evaluated once.
 
