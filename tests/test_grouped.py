@@ -79,3 +79,51 @@ def test_grouped_icl_decoder_equals_each_runs_model_and_its_gradients(pos, n_lay
     for name, p in stacked.items():
         for r, m in enumerate(models):
             assert torch.allclose(p.grad[r], dict(m.named_parameters())[name].grad, rtol=1e-9, atol=1e-12), name
+
+
+def _attention_by_autograd(qkv, heads, scale, first_query):
+    """The grouped attention's forward, differentiated by autograd: what ``_Attention``'s written-out backward
+    must equal."""
+    R, B, N, width = qkv.shape
+    dim = width // 3
+    parts = [t.reshape(R * B, N, dim // heads) for t in qkv.split(dim // heads, dim=-1)]
+    outs = []
+    for h in range(heads):
+        q, k, v = parts[h], parts[heads + h], parts[2 * heads + h]
+        q = q[:, :1] if first_query else q
+        outs.append(torch.bmm(torch.bmm(q, k.mT).mul(scale).softmax(-1), v))
+    return torch.cat(outs, -1).view(R, B, -1, dim)
+
+
+@pytest.mark.parametrize("first_query", [False, True])
+def test_grouped_attention_backward_equals_autograd(first_query):
+    """``train.grouped.attention`` (its backward written out) gives autograd's output and qkv gradient: float64 to
+    rounding, and bit for bit under the CPU's bf16 autocast with a float32 input (products in bf16, gradient back in
+    float32)."""
+    from adaptlab.train.grouped import attention
+
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(3, 4, 9, 3 * 12, generator=g, dtype=torch.float64)
+    grad = torch.randn(3, 4, 1 if first_query else 9, 12, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (attention, _attention_by_autograd):
+        x = qkv.clone().requires_grad_()
+        out = fn(x, 3, 0.5, first_query)
+        out.backward(grad)
+        results.append((out.detach(), x.grad))
+    (out, dx), (want_out, want_dx) = results
+    assert out.shape == want_out.shape and torch.allclose(out, want_out, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(dx, want_dx, rtol=1e-10, atol=1e-12)
+    if first_query:  # only the first query row feeds the output: the other rows' q gradient is zero
+        assert not dx[:, :, 1:, :12].any() and dx[:, :, 0, :12].abs().sum() > 0
+
+    results = []
+    for fn in (attention, _attention_by_autograd):
+        x = qkv.float().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(x, 3, 0.5, first_query)
+        out.float().backward(grad.float())
+        results.append((out.detach(), x.grad))
+    (out, dx), (want_out, want_dx) = results
+    assert out.dtype == want_out.dtype == torch.bfloat16 and dx.dtype == torch.float32
+    assert torch.equal(out, want_out) and torch.equal(dx, want_dx)  # the same bf16 products: bit for bit

@@ -125,3 +125,34 @@ def test_the_explicit_attention_under_cpu_bf16_computes_what_the_fused_kernel_do
     out_e.square().sum().backward()
     for (name, pf), pe in zip(fused.named_parameters(), explicit.parameters()):
         torch.testing.assert_close(pe.grad, pf.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_fused_groups_onednn_matmuls_stay_float32_and_the_switch_is_scoped():
+    """``onednn_float32_matmul`` (a fused group's step on the CPU): where it routes float32 matmuls to oneDNN
+    (``onednn_float32_is_exact``), the products stay within float32 rounding of float64 for the preset group's
+    shapes; it restores torch's switch on leaving, also on an error; off the CPU it changes nothing."""
+    from adaptlab.train.device import onednn_float32_is_exact, onednn_float32_matmul
+
+    matmul = torch.backends.mkldnn.matmul
+    before = matmul.fp32_precision
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(18, 512, 32, generator=g), torch.randn(18, 32, 96, generator=g)),
+             (torch.randn(18, 96, 512, generator=g), torch.randn(18, 512, 32, generator=g)),
+             (torch.randn(576, 16, 16, generator=g), torch.randn(576, 16, 16, generator=g)),
+             (torch.randn(9, 128, 128, generator=g), torch.randn(9, 128, 128, generator=g))]
+    with onednn_float32_matmul(CPU):
+        inside = matmul.fp32_precision
+        products = [torch.bmm(a, b) for a, b in pairs]
+    assert matmul.fp32_precision == before
+    assert inside == ("bf16" if onednn_float32_is_exact() else before)  # torch's name for "oneDNN may take it"
+    for (a, b), out in zip(pairs, products):
+        want = torch.bmm(a.double(), b.double())
+        assert out.dtype == torch.float32
+        assert (out.double() - want).abs().max() < 1e-5 * want.abs().max()  # bf16 products: ~4e-3
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with onednn_float32_matmul(CPU):
+            raise RuntimeError("inside")
+    assert matmul.fp32_precision == before
+    with onednn_float32_matmul(torch.device("meta")):
+        assert matmul.fp32_precision == before

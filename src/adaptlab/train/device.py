@@ -18,6 +18,7 @@ stay those of the eager model); the loop applies it when a run's ``train.compile
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -114,6 +115,61 @@ def explicit_attention_for_cpu_bf16(model: torch.nn.Module, device: torch.device
     matmul + softmax. Float32 and CUDA keep the fused kernel."""
     if device.type == "cpu" and uses_bf16(device, precision):
         explicit_attention(model)
+
+
+@contextlib.contextmanager
+def onednn_float32_matmul(device: torch.device):
+    """Float32 matmuls (``mm``, ``bmm``, ``addmm``, ``baddbmm``) on the CPU go to oneDNN instead of MKL while the
+    context is open, where that keeps them float32 (``onednn_float32_is_exact``); elsewhere, and on other devices,
+    nothing changes. A fused group's step runs under it (``train.fused``).
+
+    Why: this repo's machines are AMD EPYC cores with AVX-512, where MKL's float32 GEMM takes a path at about half
+    the rate of oneDNN's AVX-512 brgemm kernel (the preset continual group's shapes: a 18 × 512×32 by 32×96 ``bmm``
+    522-575 µs against 246-259 µs; ``benchmarks/bench_fused_step.py --onednn``). torch routes float32 matmuls to
+    oneDNN only under ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, which *allows* oneDNN to multiply
+    in bf16; on a CPU without AMX its brgemm kernel stays float32 (``brg_matmul:avx512_core``, errors of float32
+    size), so results change only at float32 rounding (another summation order), as with ``fused_adam``.
+
+    Scoped, not process-wide: under the same switch torch's CPU flash attention (``scaled_dot_product_attention``)
+    took 15 ms a call instead of 0.7 for a 64-wide timm ViT, and a run's own model (evaluation, a run alone) keeps
+    that kernel. A fused group's step has no such call (its attention is explicit ``bmm``: ``train.grouped``, or
+    ``explicit_attention`` under vmap)."""
+    if device.type != "cpu" or not onednn_float32_is_exact():
+        yield
+        return
+    matmul = torch.backends.mkldnn.matmul
+    before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_float32_is_exact() -> bool:
+    """Whether float32 products routed to oneDNN (``onednn_float32_matmul``) stay float32 on this CPU: the switch
+    exists in this torch, the CPU has no AMX tiles (where oneDNN may take bf16 for them) and a probe of ``bmm`` and
+    ``mm`` shapes like a fused group's (inner sizes 32 to 512) is within float32 rounding of float64 (relative
+    error < 1e-5 of the largest entry; bf16 products miss it by ~300×). Checked once per process."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if matmul is None or not hasattr(matmul, "fp32_precision") or not torch.backends.mkldnn.is_available():
+        return False
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        return False
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(6, 96, 32, generator=g), torch.randn(6, 32, 48, generator=g)),
+             (torch.randn(6, 48, 512, generator=g), torch.randn(6, 512, 32, generator=g)),
+             (torch.randn(192, 128, generator=g), torch.randn(128, 128, generator=g))]
+    before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+    try:
+        products = [a @ b for a, b in pairs]
+    finally:
+        matmul.fp32_precision = before
+    for (a, b), out in zip(pairs, products):
+        want = a.double() @ b.double()
+        if (out.double() - want).abs().max() > 1e-5 * want.abs().max():
+            return False
+    return True
 
 
 def compile_model(model: torch.nn.Module) -> torch.nn.Module:

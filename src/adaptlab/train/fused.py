@@ -12,6 +12,10 @@ The optimizers are the stacked forms of SGD and the Adam family (``train.stacked
 Adam / AdamW / AdamO with their own decay and λ); they follow the one-run update formulas, so a fused run matches
 its one-by-one twin within float tolerance (tests/test_fused.py). Any other optimizer trains unfused.
 
+On the CPU a group's step (forward, backward, optimizer) runs its float32 matmuls on oneDNN where that keeps them
+float32 (``train.device.onednn_float32_matmul``): on this repo's AMD cores about twice MKL's rate for a group's
+batched shapes. A run alone and evaluation keep torch's default kernels.
+
 Written by hand: the masks and the group around the loop (the stacked optimizers: ``train.stacked``).
 """
 from __future__ import annotations
@@ -25,7 +29,8 @@ import torch
 from torch.func import functional_call, vmap
 
 from adaptlab.train.checkpoint import read_checkpoint, write_checkpoint
-from adaptlab.train.device import autocast, explicit_attention, explicit_attention_for_cpu_bf16
+from adaptlab.train.device import (autocast, explicit_attention, explicit_attention_for_cpu_bf16,
+                                   onednn_float32_matmul)
 from adaptlab.train.grouped import grouped_forward
 from adaptlab.train.stacked import FUSED_OPTIMIZERS, StackedOptimizer, isometry_matrices, per_run
 
@@ -127,7 +132,7 @@ class FusedRuns:
 
     def losses(self, step: int, batch_size: int):
         batch = _stack([t.train_batch(step, batch_size) for t in self.tasks])
-        with autocast(self.device, self.precision):
+        with autocast(self.device, self.precision), onednn_float32_matmul(self.device):
             if self._grouped_loss:
                 task = self.tasks[0]
                 outputs = self.grouped(self.base, self.params, task.model_input(batch))
@@ -146,7 +151,8 @@ class FusedRuns:
         ok = torch.tensor([v == v and abs(v) != float("inf") for v in values], device=self.device)
         for p in self.params.values():
             p.grad = None
-        torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
+        with onednn_float32_matmul(self.device):
+            torch.where(ok, loss, torch.zeros_like(loss)).sum().backward()
         values_ok = ok.tolist()
         masked = not (all(values_ok) and self.opt.all_trainable())  # else every gradient is every run's own
         norms = []  # per tensor, one norm per run; a run's norm is over its tensors' norms
@@ -168,7 +174,8 @@ class FusedRuns:
         return [n if o else float("nan") for n, o in zip(total.tolist(), ok)]
 
     def step(self, active: list[bool]) -> None:
-        self.opt.step(torch.tensor(active, device=self.device))
+        with onednn_float32_matmul(self.device):  # AdamO's isometry step: a Gram and a product per matrix
+            self.opt.step(torch.tensor(active, device=self.device))
 
     @torch.no_grad()
     def sync(self, r: int) -> None:

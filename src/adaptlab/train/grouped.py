@@ -115,20 +115,56 @@ def _unit_affine(width: int, dtype: torch.dtype, device: torch.device) -> tuple[
 def attention(qkv: torch.Tensor, heads: int, scale: float, first_query: bool = False) -> torch.Tensor:
     """Softmax attention of every run, input and head from the stacked qkv projection (R, B, N, 3·D) → (R, B, N, D),
     or with ``first_query`` the first token's row only (R, B, 1, D). Each head's q, k and v are views of ``qkv`` (a
-    split along features), fed to two ``bmm`` over runs × batch: no copy of q, k, v, and their gradient is one
-    ``cat``. ``scaled_dot_product_attention`` on the CPU wants them head-major and contiguous, and the permutes there
-    and back cost a tiny ViT group more than its attention (4.8 → 2.4 ms forward and backward at 12 runs × 32
-    inputs × 16 tokens × 2 heads)."""
-    R, B, N, width = qkv.shape
-    dim = width // 3
-    parts = [t.reshape(R * B, N, dim // heads) for t in qkv.split(dim // heads, dim=-1)]
-    outs = []
-    for h in range(heads):
-        q, k, v = parts[h], parts[heads + h], parts[2 * heads + h]
-        if first_query:
-            q = q[:, :1]
-        outs.append(torch.bmm(torch.bmm(q, k.mT).mul_(scale).softmax(-1), v))
-    return torch.cat(outs, -1).view(R, B, -1, dim)
+    split along features), fed to two ``bmm`` over runs × batch: no copy of q, k, v. ``scaled_dot_product_attention``
+    on the CPU wants them head-major and contiguous, and the permutes there and back cost a tiny ViT group more than
+    its attention (4.8 → 2.4 ms forward and backward at 12 runs × 32 inputs × 16 tokens × 2 heads)."""
+    return _Attention.apply(qkv, heads, scale, first_query)
+
+
+class _Attention(torch.autograd.Function):
+    """``attention`` with its backward written out: the same products autograd would take, but each head's key
+    gradient comes out of ``bmm`` contiguous (dSᵀq, where autograd forms (qᵀdS)ᵀ, a transposed view), so the one
+    ``cat`` that assembles the qkv gradient copies rows instead of gathering transposed blocks: 1.4–1.7 ms of an
+    18-run continual ViT step's 22 ms went to that cat."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
+        R, B, N, width = qkv.shape
+        dim = width // 3
+        parts = [t.reshape(R * B, N, dim // heads) for t in qkv.split(dim // heads, dim=-1)]
+        outs, probs = [], []
+        for h in range(heads):
+            q, k, v = parts[h], parts[heads + h], parts[2 * heads + h]
+            if first_query:
+                q = q[:, :1]
+            probs.append(torch.bmm(q, k.mT).mul_(scale).softmax(-1))
+            outs.append(torch.bmm(probs[-1], v))
+        ctx.save_for_backward(qkv, *probs)
+        ctx.heads, ctx.scale, ctx.first_query = heads, scale, first_query
+        return torch.cat(outs, -1).view(R, B, -1, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        qkv, *probs = ctx.saved_tensors
+        heads, scale, dtype = ctx.heads, ctx.scale, qkv.dtype
+        qkv = qkv.to(probs[0].dtype)  # under autocast the products ran in the probabilities' dtype
+        R, B, N, width = qkv.shape
+        dim, hd = width // 3, width // 3 // heads
+        parts = [t.reshape(R * B, N, hd) for t in qkv.split(hd, dim=-1)]
+        grad = grad.reshape(R * B, -1, dim).to(probs[0].dtype)
+        dq, dk, dv = [], [], []
+        for h in range(heads):
+            q, k, v, p = parts[h], parts[heads + h], parts[2 * heads + h], probs[h]
+            g = grad[..., h * hd:(h + 1) * hd]
+            dv.append(torch.bmm(p.mT, g))
+            ds = torch._softmax_backward_data(torch.bmm(g, v.mT), p, -1, p.dtype).mul_(scale)
+            if ctx.first_query:  # the other queries' rows have no gradient
+                dq.append(torch.cat([torch.bmm(ds, k), ds.new_zeros(R * B, N - 1, hd)], 1))
+                q = q[:, :1]
+            else:
+                dq.append(torch.bmm(ds, k))
+            dk.append(torch.bmm(ds.mT, q))
+        return torch.cat(dq + dk + dv, -1).view(R, B, N, width).to(dtype), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
