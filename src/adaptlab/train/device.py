@@ -8,9 +8,9 @@ silently and two orders of magnitude slower, and record CPU runs as if nothing h
 "given a GPU" is SLURM's and CUDA's convention (``GPU_ENV_VARS``). ``device: cpu`` stays allowed anywhere.
 
 ``train.precision`` (``uses_bf16``) says where the forward runs under bf16 autocast: CUDA only by default, or on
-the CPU too (``bf16``), where oneDNN multiplies bf16 at ~4x the float32 rate of this repo's 2-core machines
+the CPU too (``bf16``), where oneDNN multiplies bf16 at ~4x MKL's float32 rate on this repo's 2-core machines
 (AVX512-BF16: 396-494 against 94-110 GFLOP/s for the preset's shapes, benchmarks/bench_fused_preset.py
-``--precision``).
+``--precision``; oneDNN's own float32 kernel does ~2x MKL here, ``onednn_float32_matmul``).
 
 ``compile_model`` is ``nn.Module.compile`` (in place, so parameter names, checkpoints and ``state_dict`` keys
 stay those of the eager model); the loop applies it when a run's ``train.compile`` is true.
