@@ -125,7 +125,7 @@ def onednn_float32_matmul(device: torch.device):
 
     Why: this repo's machines are AMD EPYC cores with AVX-512, where MKL's float32 GEMM takes a path at about half
     the rate of oneDNN's AVX-512 brgemm kernel (the preset continual group's shapes: a 18 × 512×32 by 32×96 ``bmm``
-    522-575 µs against 246-259 µs; ``benchmarks/bench_fused_step.py --onednn``). torch routes float32 matmuls to
+    522-575 µs against 246-259 µs; ``benchmarks/bench_fused_step.py --matmul onednn,mkl``). torch routes float32 matmuls to
     oneDNN only under ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``, which *allows* oneDNN to multiply
     in bf16; on a CPU without AMX its brgemm kernel stays float32 (``brg_matmul:avx512_core``, errors of float32
     size), so results change only at float32 rounding (another summation order), as with ``fused_adam``.

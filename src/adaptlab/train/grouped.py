@@ -124,8 +124,9 @@ def attention(qkv: torch.Tensor, heads: int, scale: float, first_query: bool = F
 class _Attention(torch.autograd.Function):
     """``attention`` with its backward written out: the same products autograd would take, but each head's key
     gradient comes out of ``bmm`` contiguous (dSᵀq, where autograd forms (qᵀdS)ᵀ, a transposed view), so the one
-    ``cat`` that assembles the qkv gradient copies rows instead of gathering transposed blocks: 1.4–1.7 ms of an
-    18-run continual ViT step's 22 ms went to that cat."""
+    ``cat`` that assembles the qkv gradient copies rows instead of gathering transposed blocks (one block's
+    attention forward and backward at 18 runs × 32 inputs × 16 tokens × 2 heads: 2.5–2.9 → 1.9–2.4 ms; an 18-run
+    continual ViT step ~0.8 ms faster)."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
