@@ -133,7 +133,7 @@ def test_a_fused_groups_onednn_matmuls_stay_float32_and_the_switch_is_scoped():
     shapes; it restores torch's switch on leaving, also on an error; off the CPU it changes nothing."""
     from adaptlab.train.device import onednn_float32_is_exact, onednn_float32_matmul
 
-    # the switch exists from torch 2.9 on; in an older torch the context changes nothing (pyproject allows >= 2.3)
+    # an older torch (pyproject allows >= 2.3) may lack the switch: the context then changes nothing
     def switch():
         return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
 
