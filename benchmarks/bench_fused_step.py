@@ -110,9 +110,8 @@ def main() -> None:
         for n in map(int, args.groups.split(",")):
             group = FusedRuns([_model(kind, s) for s in range(n)], [_task(s, device) for s in range(n)],
                               [3e-3] * n, cfg, device)
-            best = {m: min(timed(group, args, m) for _ in range(args.rounds)) if args.rounds == 1 else math.inf
-                    for m in matmuls}
-            for _ in range(args.rounds if args.rounds > 1 else 0):
+            best = dict.fromkeys(matmuls, math.inf)
+            for _ in range(args.rounds):  # alternating, so that a drift of the machine's speed hits both alike
                 for m in matmuls:
                     best[m] = min(best[m], timed(group, args, m))
             for m in matmuls:

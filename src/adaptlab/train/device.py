@@ -137,6 +137,13 @@ def onednn_float32_matmul(device: torch.device):
     if device.type != "cpu" or not onednn_float32_is_exact():
         yield
         return
+    with _onednn_switch():
+        yield
+
+
+@contextlib.contextmanager
+def _onednn_switch():
+    """torch's switch that routes float32 matmuls to oneDNN (and allows it bf16), restored on leaving."""
     matmul = torch.backends.mkldnn.matmul
     before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
     try:
@@ -160,11 +167,8 @@ def onednn_float32_is_exact() -> bool:
     pairs = [(torch.randn(6, 96, 32, generator=g), torch.randn(6, 32, 48, generator=g)),
              (torch.randn(6, 48, 512, generator=g), torch.randn(6, 512, 32, generator=g)),
              (torch.randn(192, 128, generator=g), torch.randn(128, 128, generator=g))]
-    before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
-    try:
+    with _onednn_switch():
         products = [a @ b for a, b in pairs]
-    finally:
-        matmul.fp32_precision = before
     for (a, b), out in zip(pairs, products):
         want = a.double() @ b.double()
         if (out.double() - want).abs().max() > 1e-5 * want.abs().max():

@@ -121,6 +121,14 @@ def attention(qkv: torch.Tensor, heads: int, scale: float, first_query: bool = F
     return _Attention.apply(qkv, heads, scale, first_query)
 
 
+def _head_views(qkv: torch.Tensor, heads: int) -> list[torch.Tensor]:
+    """The q heads, then the k heads, then the v heads of a stacked qkv projection (R, B, N, 3·D), each a view
+    (R·B, N, D / heads): a split along features, no copy."""
+    R, B, N, width = qkv.shape
+    hd = width // 3 // heads
+    return [t.reshape(R * B, N, hd) for t in qkv.split(hd, dim=-1)]
+
+
 class _Attention(torch.autograd.Function):
     """``attention`` with its backward written out: the same products autograd would take, but each head's key
     gradient comes out of ``bmm`` contiguous (dSᵀq, where autograd forms (qᵀdS)ᵀ, a transposed view), so the one
@@ -132,7 +140,7 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
         R, B, N, width = qkv.shape
         dim = width // 3
-        parts = [t.reshape(R * B, N, dim // heads) for t in qkv.split(dim // heads, dim=-1)]
+        parts = _head_views(qkv, heads)
         outs, probs = [], []
         for h in range(heads):
             q, k, v = parts[h], parts[heads + h], parts[2 * heads + h]
@@ -151,7 +159,7 @@ class _Attention(torch.autograd.Function):
         qkv = qkv.to(probs[0].dtype)  # under autocast the products ran in the probabilities' dtype
         R, B, N, width = qkv.shape
         dim, hd = width // 3, width // 3 // heads
-        parts = [t.reshape(R * B, N, hd) for t in qkv.split(hd, dim=-1)]
+        parts = _head_views(qkv, heads)
         grad = grad.reshape(R * B, -1, dim).to(probs[0].dtype)
         dq, dk, dv = [], [], []
         for h in range(heads):
