@@ -128,6 +128,48 @@ def test_fit_carries_an_optimizer_across_tasks(tmp_path):
     assert opt.param_groups[0]["initial_lr"] == 3e-3
 
 
+def test_a_task_whose_test_split_is_its_val_set_takes_the_best_val_metrics_as_test(tmp_path):
+    """A task without held-out images tests on its training set, the val set itself (``test_is_val``): fit reports
+    the best-val metrics as the test metrics, which is what evaluating the best weights on the test split gives,
+    without that second evaluation. A task with held-out images is evaluated on them."""
+    x, _, _ = bench.load_inputs({"inputs": "gaussian", "n": 64, "dim": 8}, 0)
+    y = torch.randint(4, (64,), generator=torch.Generator().manual_seed(0))
+    cfg = train_config({"optimizer": "adam", "lr": 3e-3, "steps": 6, "batch_size": 8, "warmup_steps": 0,
+                        "min_lr_factor": 1.0, "clip_grad": None, "eval_every": 3, "ckpt_every": 0})
+    held_out = (torch.randn(16, 8), torch.randint(4, (16,)))
+    for test, same in ((None, True), (held_out, False)):
+        torch.manual_seed(0)
+        m = small_mlp()
+        task = bench.ContinualTask(x, y, None, 0, 0, test=test)
+        calls = []
+        evaluate = task.evaluate
+        task.evaluate = lambda model, split, autocast=None: calls.append(split) or evaluate(model, split)
+        res = fit(m, task, cfg, tmp_path / str(same), device=torch.device("cpu"), config_id="t")
+        assert task.test_is_val is same and calls == ["val", "val"] + ([] if same else ["test"])
+        assert res.test == evaluate(m, "test")  # m holds the best weights after fit
+        assert (res.test == res.best_val) is same
+
+
+def test_a_groups_stacked_batches_are_its_runs_own_train_batches():
+    """``ContinualTask.stacked_batches`` (a fused group's draw) gives, for every step, the runs' own
+    ``train_batch``es stacked: the same indices from each run's (seed, task, step), images and labels bit for bit;
+    tasks whose sets differ in size get None (the group stacks their batches then)."""
+    g = torch.Generator().manual_seed(0)
+    tasks = [bench.ContinualTask(torch.randn(96, 64, generator=g), torch.randint(10, (96,), generator=g),
+                                 torch.randperm(64, generator=g) if s % 2 else None, s, 3 + s, image_side=8)
+             for s in range(4)]
+    draw = bench.ContinualTask.stacked_batches(tasks)
+    for step in (0, 1, 299):
+        xs, ys = draw(step, 32)
+        assert xs.shape == (4, 32, 1, 8, 8) and ys.shape == (4, 32)
+        for r, t in enumerate(tasks):
+            x, y = t.train_batch(step, 32)
+            assert torch.equal(xs[r], x) and torch.equal(ys[r], y)
+    assert not torch.equal(draw(0, 32)[1], draw(1, 32)[1])
+    odd = bench.ContinualTask(torch.randn(50, 64), torch.randint(10, (50,)), None, 9, 0, image_side=8)
+    assert bench.ContinualTask.stacked_batches(tasks + [odd]) is None
+
+
 def test_adamo_in_a_core_finetune_grid(tmp_path, tiny_data, tiny_pretrained):
     from adaptlab.runner import run_finetune
 

@@ -8,6 +8,7 @@ a run's params and fuse key only when it is set.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -159,3 +160,33 @@ def test_a_fused_groups_onednn_matmuls_stay_float32_and_the_switch_is_scoped():
     assert switch() == before
     with onednn_float32_matmul(torch.device("meta")):
         assert switch() == before
+
+
+def test_the_grouped_attention_takes_torchs_default_matmuls_inside_a_groups_onednn_switch():
+    """``default_float32_matmul`` (the grouped attention's products: MKL, faster than oneDNN for its many 16 × 16
+    matrices) turns the switch back to torch's default inside ``onednn_float32_matmul`` and restores it on leaving;
+    the attention's output and gradient are then those it gives outside the switch, bit for bit."""
+    from adaptlab.train.device import default_float32_matmul, onednn_float32_is_exact, onednn_float32_matmul
+    from adaptlab.train.grouped import attention
+
+    def switch():
+        return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+
+    before = switch()
+    with onednn_float32_matmul(CPU):
+        outer = switch()
+        with default_float32_matmul():
+            assert switch() == ("none" if onednn_float32_is_exact() else before)
+        assert switch() == outer
+    assert switch() == before
+
+    g = torch.Generator().manual_seed(2)
+    qkv, grad = torch.randn(6, 8, 16, 96, generator=g), torch.randn(6, 8, 16, 32, generator=g)
+    results = []
+    for inside in (False, True):
+        x = qkv.clone().requires_grad_()
+        with onednn_float32_matmul(CPU) if inside else contextlib.nullcontext():
+            out = attention(x, 2, 0.25)
+            out.backward(grad)
+        results.append((out.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

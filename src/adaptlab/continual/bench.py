@@ -130,12 +130,38 @@ class ContinualTask:
         self.y, self.seed, self.task, self.regulariser = y, seed, task, regulariser
         self.group_regulariser = group_regulariser  # a fused group's runs' loss terms (``group_regulariser``)
         self.test = None if test is None else (test[0].reshape(len(test[0]), *shape) if shape else test[0], test[1])
+        self.test_is_val = test is None  # the loop takes the best-val metrics as the test metrics then
         self.online: list[float] = []
 
+    def batch_seed(self, step: int) -> int:
+        return (self.seed * 1_000_003 + self.task) * 1_000_003 + step
+
     def train_batch(self, step: int, batch_size: int):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.task) * 1_000_003 + step)
-        idx = torch.randint(len(self.y), (batch_size,), generator=g)
+        idx = torch.randint(len(self.y), (batch_size,), generator=torch.Generator().manual_seed(self.batch_seed(step)))
         return self.x[idx], self.y[idx]
+
+    @staticmethod
+    def stacked_batches(tasks: list["ContinualTask"]):
+        """``draw(step, batch_size)``: the stacked ``train_batch`` of a fused group's tasks (``train.fused``), each
+        run's indices from its own seed as there, gathered in one op from the runs' inputs stacked once per task
+        (an 18-run group's batch: 0.07 against 0.16 ms, 3 % of a preset MLP group's step). None when the tasks'
+        sets differ in size (continual-ImageNet pairs): the group stacks the runs' own batches then."""
+        if len({tuple(t.x.shape) for t in tasks}) > 1:
+            return None
+        x, y = torch.stack([t.x for t in tasks]), torch.stack([t.y for t in tasks])
+        runs, n = x.shape[:2]
+        flat_x, flat_y, gen = x.view(runs * n, *x.shape[2:]), y.view(-1), torch.Generator()
+        offsets = torch.arange(0, runs * n, n).unsqueeze(1)
+
+        def draw(step: int, batch_size: int):
+            idx = torch.empty(runs, batch_size, dtype=torch.long)
+            for r, t in enumerate(tasks):
+                torch.randint(n, (batch_size,), generator=gen.manual_seed(t.batch_seed(step)), out=idx[r])
+            flat = (idx + offsets).view(-1).to(x.device)
+            return (flat_x.index_select(0, flat).view(runs, batch_size, *x.shape[2:]),
+                    flat_y.index_select(0, flat).view(runs, batch_size))
+
+        return draw
 
     @staticmethod
     def model_input(batch):

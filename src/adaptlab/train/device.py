@@ -133,19 +133,36 @@ def onednn_float32_matmul(device: torch.device):
     Scoped, not process-wide: under the same switch torch's CPU flash attention (``scaled_dot_product_attention``)
     took 15 ms a call instead of 0.7 for a 64-wide timm ViT, and a run's own model (evaluation, a run alone) keeps
     that kernel. A fused group's step has no such call (its attention is explicit ``bmm``: ``train.grouped``, or
-    ``explicit_attention`` under vmap)."""
+    ``explicit_attention`` under vmap); the grouped attention's own products go back to MKL inside it
+    (``default_float32_matmul``)."""
     if device.type != "cpu" or not onednn_float32_is_exact():
         yield
         return
-    with _onednn_switch():
+    with _onednn_switch("bf16"):
         yield
 
 
 @contextlib.contextmanager
-def _onednn_switch():
-    """torch's switch that routes float32 matmuls to oneDNN (and allows it bf16), restored on leaving."""
+def default_float32_matmul():
+    """torch's default routing of float32 matmuls (MKL on the CPU) while open, also inside ``onednn_float32_matmul``.
+
+    Why: oneDNN wins on a group's Linear products, but the grouped attention's are hundreds of 16 × 16 matrices per
+    ``bmm`` (one per run, input and head, fed as strided views), where its per-call and per-matrix cost outweighs the
+    faster kernel: an 18-run continual ViT group's step took 18.2-19.8 ms with its attention on MKL against
+    19.7-20.1 ms on oneDNN (the other products on oneDNN in both; four alternations in one process)."""
+    if not onednn_float32_is_exact():  # the switch is never on (or does not exist in this torch)
+        yield
+        return
+    with _onednn_switch("none"):  # "none": torch's default value of the switch
+        yield
+
+
+@contextlib.contextmanager
+def _onednn_switch(value: str):
+    """torch's switch that routes float32 matmuls to oneDNN (``"bf16"``: and allows it bf16) or not (``"none"``),
+    restored on leaving."""
     matmul = torch.backends.mkldnn.matmul
-    before, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+    before, matmul.fp32_precision = matmul.fp32_precision, value
     try:
         yield
     finally:
@@ -167,7 +184,7 @@ def onednn_float32_is_exact() -> bool:
     pairs = [(torch.randn(6, 96, 32, generator=g), torch.randn(6, 32, 48, generator=g)),
              (torch.randn(6, 48, 512, generator=g), torch.randn(6, 512, 32, generator=g)),
              (torch.randn(192, 128, generator=g), torch.randn(128, 128, generator=g))]
-    with _onednn_switch():
+    with _onednn_switch("bf16"):
         products = [a @ b for a, b in pairs]
     for (a, b), out in zip(pairs, products):
         want = a.double() @ b.double()

@@ -68,7 +68,9 @@ class FusedRuns:
     A group can go on through several ``fit`` calls (a continual sequence: ``set_tasks`` between them; the
     optimizer moments carry over); a run ``retire``d there takes no more steps. A task class may define
     ``loss_and_aux(model, batch) -> (loss, aux)`` and ``take_aux(value)``: the per-run scalar ``aux`` (continual's
-    online accuracy) is computed in the batched loss and handed to each run's task after the step's forward.
+    online accuracy) is computed in the batched loss and handed to each run's task after the step's forward; a
+    static ``stacked_batches(tasks)`` may return ``draw(step, batch_size)``, the runs' stacked ``train_batch``es drawn
+    at once.
 
     When the model has a grouped forward (``train.grouped``) and the task class defines ``model_input(batch)`` and
     ``grouped_loss(outputs, batch, params) -> losses`` (``grouped_loss_and_aux`` -> (losses, aux) where it has
@@ -114,6 +116,9 @@ class FusedRuns:
     def set_tasks(self, tasks: list) -> None:
         """The runs' tasks of the next ``fit`` (one class; its loss is vmapped with ``tasks[0]`` as ``self``)."""
         self.tasks, self.selection_metric = tasks, tasks[0].selection_metric
+        # the runs' batches: the task class's stacked draw where it has one, else each run's train_batch stacked
+        stacked = getattr(type(tasks[0]), "stacked_batches", None)
+        self._draw = stacked(tasks) if stacked is not None else None
         self._aux = hasattr(type(tasks[0]), "loss_and_aux")
         loss = type(tasks[0]).loss_and_aux if self._aux else type(tasks[0]).loss
         self._losses = vmap(lambda p, b, batch: loss(tasks[0], _Bound(self.base, p, b), batch))
@@ -131,7 +136,8 @@ class FusedRuns:
         return (self.base_lrs * factor).tolist()
 
     def losses(self, step: int, batch_size: int):
-        batch = _stack([t.train_batch(step, batch_size) for t in self.tasks])
+        batch = (self._draw(step, batch_size) if self._draw is not None else
+                 _stack([t.train_batch(step, batch_size) for t in self.tasks]))
         with autocast(self.device, self.precision), onednn_float32_matmul(self.device):
             if self._grouped_loss:
                 task = self.tasks[0]

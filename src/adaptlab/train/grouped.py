@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adaptlab.train.device import default_float32_matmul
+
 Forward = Callable[[nn.Module, dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 _REGISTRY: dict[type, tuple[Callable[[nn.Module], bool], Forward]] = {}
 
@@ -138,6 +140,11 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
+        with default_float32_matmul():  # its many 16 × 16 products: MKL's per-call cost is lower than oneDNN's
+            return _Attention._forward(ctx, qkv, heads, scale, first_query)
+
+    @staticmethod
+    def _forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
         R, B, N, width = qkv.shape
         dim = width // 3
         parts = _head_views(qkv, heads)
@@ -154,6 +161,11 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
+        with default_float32_matmul():
+            return _Attention._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
         qkv, *probs = ctx.saved_tensors
         heads, scale, dtype = ctx.heads, ctx.scale, qkv.dtype
         qkv = qkv.to(probs[0].dtype)  # under autocast the products ran in the probabilities' dtype

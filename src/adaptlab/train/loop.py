@@ -7,7 +7,8 @@ logged), step. Every ``eval_every`` steps the task is evaluated on val and the b
 kept in ``best.safetensors``; every ``ckpt_every`` steps a resumable checkpoint is written (with the task's
 ``checkpoint_state()``, if it keeps per-step state of its own), and at the step where a stop signal arrived
 (``adaptlab.preemption``: SIGTERM/SIGUSR1 from SLURM), after which ``Preempted`` is raised. At the end the
-best-val weights are restored and the test split is evaluated once.
+best-val weights are restored and the test split is evaluated once (a task whose ``test_is_val`` is true, its test
+split the val set itself, takes the best-val metrics instead: the same weights on the same inputs).
 
 The loop runs a *group* of runs: one run (``OneRun``: a model, its task and its optimizer), or several
 same-shape runs trained as one batched model (``adaptlab.train.fused.FusedRuns``, fused training of a run
@@ -254,7 +255,8 @@ def fit(model, task, cfg: dict, run_dir, *, device: torch.device, config_id, on_
         test = None
         if state["status"] == "ok" and state["best_step"] is not None:
             runs.load_trainable(r, load_file(str(best_paths[r])))
-            test = runs.evaluate(r, "test")
+            same = getattr(runs.task_of(r), "test_is_val", False)
+            test = dict(state["best_metrics"]) if same else runs.evaluate(r, "test")
         results.append(FitResult(
             status=state["status"], steps_done=state["step"], best_step=state["best_step"],
             best_val=state["best_metrics"], test=test, final_loss=final_losses[r], log=logs[r],
