@@ -136,11 +136,13 @@ class _Attention(torch.autograd.Function):
     gradient comes out of ``bmm`` contiguous (dSᵀq, where autograd forms (qᵀdS)ᵀ, a transposed view), so the one
     ``cat`` that assembles the qkv gradient copies rows instead of gathering transposed blocks (one block's
     attention forward and backward at 18 runs × 32 inputs × 16 tokens × 2 heads: 2.5–2.9 → 1.9–2.4 ms; an 18-run
-    continual ViT step ~0.8 ms faster)."""
+    continual ViT step ~0.8 ms faster). Its float32 products take torch's default kernels (MKL) also inside a
+    fused group's oneDNN switch (``train.device.default_float32_matmul``): one small matrix per run, input and
+    head, where oneDNN's per-call cost loses (the same results, bit for bit, at the preset's shapes)."""
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
-        with default_float32_matmul():  # its many 16 × 16 products: MKL's per-call cost is lower than oneDNN's
+        with default_float32_matmul():
             return _Attention._forward(ctx, qkv, heads, scale, first_query)
 
     @staticmethod
