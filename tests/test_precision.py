@@ -128,15 +128,17 @@ def test_the_explicit_attention_under_cpu_bf16_computes_what_the_fused_kernel_do
         torch.testing.assert_close(pe.grad, pf.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def switch():
+    """torch's switch that routes float32 matmuls to oneDNN; None in an older torch (pyproject allows >= 2.3) that
+    lacks it, where the contexts change nothing."""
+    return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+
+
 def test_a_fused_groups_onednn_matmuls_stay_float32_and_the_switch_is_scoped():
     """``onednn_float32_matmul`` (a fused group's step on the CPU): where it routes float32 matmuls to oneDNN
     (``onednn_float32_is_exact``), the products stay within float32 rounding of float64 for the preset group's
     shapes; it restores torch's switch on leaving, also on an error; off the CPU it changes nothing."""
     from adaptlab.train.device import onednn_float32_is_exact, onednn_float32_matmul
-
-    # an older torch (pyproject allows >= 2.3) may lack the switch: the context then changes nothing
-    def switch():
-        return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
 
     before = switch()
     g = torch.Generator().manual_seed(1)
@@ -168,9 +170,6 @@ def test_the_grouped_attention_takes_torchs_default_matmuls_inside_a_groups_oned
     the attention's output and gradient are then those it gives outside the switch, bit for bit."""
     from adaptlab.train.device import default_float32_matmul, onednn_float32_is_exact, onednn_float32_matmul
     from adaptlab.train.grouped import attention
-
-    def switch():
-        return getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
 
     before = switch()
     with onednn_float32_matmul(CPU):

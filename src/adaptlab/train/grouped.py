@@ -141,12 +141,8 @@ class _Attention(torch.autograd.Function):
     head, where oneDNN's per-call cost loses (the same results, bit for bit, at the preset's shapes)."""
 
     @staticmethod
+    @default_float32_matmul()
     def forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
-        with default_float32_matmul():
-            return _Attention._forward(ctx, qkv, heads, scale, first_query)
-
-    @staticmethod
-    def _forward(ctx, qkv: torch.Tensor, heads: int, scale: float, first_query: bool) -> torch.Tensor:
         R, B, N, width = qkv.shape
         dim = width // 3
         parts = _head_views(qkv, heads)
@@ -162,12 +158,8 @@ class _Attention(torch.autograd.Function):
         return torch.cat(outs, -1).view(R, B, -1, dim)
 
     @staticmethod
+    @default_float32_matmul()
     def backward(ctx, grad: torch.Tensor):
-        with default_float32_matmul():
-            return _Attention._backward(ctx, grad)
-
-    @staticmethod
-    def _backward(ctx, grad: torch.Tensor):
         qkv, *probs = ctx.saved_tensors
         heads, scale, dtype = ctx.heads, ctx.scale, qkv.dtype
         qkv = qkv.to(probs[0].dtype)  # under autocast the products ran in the probabilities' dtype
